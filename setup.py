@@ -8,6 +8,7 @@ CORE = [
     "tiktoken>=0.7",
     "safetensors>=0.4",
     "regex",
+    "dashscope",  # ships qwen.tiktoken, the Qwen vocabulary (no hub download)
     "pyyaml>=6",
     "numpy",
     "tqdm",

@@ -21,7 +21,8 @@ def test_presets_match_report_table_1():
         m = load_model_config(name)
         assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.ffn_hidden_size) == (hidden, heads, layers, ffn)
         assert m.vocab_size == 151851 and m.norm_epsilon == 1e-6 and m.rotary_base == 10000.0
-        assert m.vocab_size_padded(1) == 151936  # the released embedding's rows
+        # the released embedding's rows (Qwen-14B's config.json says 152,064)
+        assert m.vocab_size_padded(1) == (152064 if name == "qwen_14b" else 151936)
 
 
 def test_megatron_vocab_padding_depends_on_tp():

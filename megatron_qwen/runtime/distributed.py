@@ -1,0 +1,105 @@
+"""Process-group setup: torch.distributed from the torchrun environment, then megatron-core's
+model-parallel groups and RNG seeds. One call for every entry point, GPU or CPU."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+
+from megatron_qwen.config import ConfigError, ParallelConfig
+from megatron_qwen.runtime import cpu_compat
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _init_process_group(timeout_minutes: int) -> None:
+    if torch.distributed.is_initialized():
+        return
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    kwargs = {}
+    if "MASTER_ADDR" not in os.environ:  # a plain `python script.py`: a world of one
+        if world_size != 1:
+            raise ConfigError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset: launch with torchrun")
+        kwargs["store"] = torch.distributed.HashStore()  # in-memory rendezvous, no port
+    torch.distributed.init_process_group(
+        backend=backend,
+        world_size=world_size,
+        rank=rank,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        **kwargs,
+    )
+
+
+def check_world(parallel_cfg: ParallelConfig, world_size: int) -> None:
+    """The layout must tile the world: TP x PP divides the number of processes."""
+    tp = parallel_cfg.tensor_model_parallel_size
+    pp = parallel_cfg.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} does not "
+            f"divide the world size {world_size}"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python/numpy/torch and megatron-core's model-parallel RNG tracker.
+
+    Megatron's convention: the default generator gets ``seed + 100 * pp_rank`` (identical across
+    TP and DP ranks of a stage), the tracker's tensor-parallel stream differs per TP rank. On CPU
+    the tracker forks the CPU generator (cpu_compat)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def init_distributed(parallel_cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed (nccl on GPU, gloo on CPU; a single process works too),
+    megatron-core's model-parallel groups and the RNG seeds. Call once, before building a model."""
+    parallel_cfg.validate()
+    if not torch.cuda.is_available():
+        cpu_compat.install()  # before megatron-core allocates anything
+    _init_process_group(timeout_minutes)
+    check_world(parallel_cfg, torch.distributed.get_world_size())
+
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    vpp = parallel_cfg.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+
+
+def destroy() -> None:
+    """Tear down the model-parallel groups and the process group (tests re-initialise)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
