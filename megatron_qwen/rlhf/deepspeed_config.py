@@ -1,0 +1,199 @@
+"""One DeepSpeed config per engine, generated from the recipe, and the engine constructors.
+
+The reward model trains one engine; PPO trains two (actor, critic) and runs two for inference
+(reference, reward). Each gets its own JSON config from :func:`make_ds_config`, so ZeRO stage,
+offload and precision are chosen per engine. On CPU (``DS_ACCELERATOR=cpu``, gloo) the engines
+get torch's AdamW, which needs no compiled op; ``offload_optimizer`` asks for DeepSpeedCPUAdam,
+whose op DeepSpeed compiles on first use into ``TORCH_EXTENSIONS_DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from megatron_qwen.config import ConfigError
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """ZeRO and precision of one training engine (group ``deepspeed``)."""
+
+    zero_stage: int = 2  # 0 = plain data parallel, 1 optimizer, 2 + gradients, 3 + parameters
+    offload_optimizer: bool = False  # optimizer states and step on CPU (DeepSpeedCPUAdam)
+    offload_param: bool = False  # parameters on CPU between uses (ZeRO-3 only)
+    bf16: bool = False  # bf16 weights/activations with fp32 master weights; fp32 when off
+    gradient_accumulation_steps: Optional[int] = None  # None: global / (micro x data-parallel)
+    gradient_checkpointing: bool = False  # recompute the backbone's activations in backward
+
+    def validate(self) -> None:
+        check_zero(self.zero_stage, self.offload_optimizer, self.offload_param, "deepspeed.")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise ConfigError("deepspeed.gradient_accumulation_steps must be >= 1")
+
+
+def check_zero(stage: int, offload_optimizer: bool, offload_param: bool, prefix: str = "") -> None:
+    """The ZeRO combinations DeepSpeed accepts, as one-line errors."""
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{prefix}zero_stage={stage}: choose 0, 1, 2 or 3")
+    if offload_param and stage != 3:
+        raise ConfigError(f"{prefix}offload_param needs zero_stage 3 (got {stage})")
+    if offload_optimizer and stage == 0:
+        raise ConfigError(f"{prefix}offload_optimizer needs zero_stage 1, 2 or 3")
+
+
+def gradient_accumulation(global_batch_size: int, micro_batch_size: int, world_size: int,
+                          accumulation: Optional[int] = None) -> int:
+    """Micro-steps per optimizer step; the global batch must split evenly over ranks."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size={global_batch_size} is not a multiple of "
+                          f"micro_batch_size={micro_batch_size} x {world_size} data-parallel ranks")
+    derived = global_batch_size // per_step
+    if accumulation is not None and accumulation != derived:
+        raise ConfigError(f"gradient_accumulation_steps={accumulation} but global_batch_size="
+                          f"{global_batch_size} / (micro {micro_batch_size} x {world_size} ranks) = {derived}")
+    return derived
+
+
+def make_ds_config(*, micro_batch_size: int, global_batch_size: int, world_size: int,
+                   zero_stage: int = 0, offload_optimizer: bool = False, offload_param: bool = False,
+                   bf16: bool = False, gradient_clipping: float = 1.0,
+                   gradient_accumulation_steps: Optional[int] = None, train: bool = True) -> dict:
+    """The DeepSpeed JSON config of one engine.
+
+    ``train=False`` is an inference engine (PPO's reference and reward): no optimizer section,
+    no gradient clipping; under ZeRO-3 its parameters are still partitioned.
+    """
+    check_zero(zero_stage, offload_optimizer and train, offload_param)
+    accumulation = gradient_accumulation(global_batch_size, micro_batch_size, world_size,
+                                         gradient_accumulation_steps)
+    zero: dict = {"stage": zero_stage}
+    if zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if zero_stage == 3:
+        # export gathers 16-bit (or fp32) weights; small params stay whole to save gathers
+        zero.update(stage3_gather_16bit_weights_on_model_save=True,
+                    stage3_param_persistence_threshold=10_000)
+    if offload_optimizer and train:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        # we pass torch optimizers (AdamW) to ZeRO; DeepSpeed wants this acknowledged
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own logger prints
+        "wall_clock_breakdown": False,
+    }
+    if train and gradient_clipping:
+        config["gradient_clipping"] = float(gradient_clipping)
+    return config
+
+
+def ds_config_from_group(group: DeepSpeedConfig, *, micro_batch_size: int, global_batch_size: int,
+                         world_size: int, gradient_clipping: float = 1.0, train: bool = True) -> dict:
+    """:func:`make_ds_config` from a recipe's ``deepspeed`` group."""
+    return make_ds_config(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                          world_size=world_size, zero_stage=group.zero_stage,
+                          offload_optimizer=group.offload_optimizer,
+                          offload_param=group.offload_param, bf16=group.bf16,
+                          gradient_clipping=gradient_clipping,
+                          gradient_accumulation_steps=group.gradient_accumulation_steps, train=train)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def init_distributed() -> None:
+    """Join (or start, for a bare ``python`` run) the process group: nccl with a GPU, else gloo."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:  # a bare `python tool.py`: a group of one
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port)):
+            os.environ.setdefault(key, value)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes on first use)
+        # that only its inference path calls; gloo's own collectives serve training.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0,
+                    betas=(0.9, 0.95), eps: float = 1e-8, offload: bool = False):
+    """AdamW with no decay on biases and norm weights; DeepSpeedCPUAdam when offloading."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def warmup_constant_schedule(optimizer, warmup_steps: int = 0):
+    """Linear warm-up then a constant LR (the report's reward-model and PPO schedule)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+def init_train_engine(model: torch.nn.Module, ds_config: dict, *, lr: float,
+                      weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
+                      warmup_steps: int = 0):
+    """A training engine with its optimizer and LR schedule; returns the DeepSpeed engine."""
+    import deepspeed
+
+    offload = "offload_optimizer" in ds_config.get("zero_optimization", {})
+    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                offload=offload)
+    scheduler = warmup_constant_schedule(optimizer, warmup_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config)
+    return engine
+
+
+def init_inference_engine(model: torch.nn.Module, ds_config: dict):
+    """A frozen engine (PPO's reference and reward): no optimizer; ZeRO-3 partitions it."""
+    import deepspeed
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

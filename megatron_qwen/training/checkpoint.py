@@ -1,0 +1,205 @@
+"""Training checkpoints: megatron-core distributed checkpoints in Megatron-LM's layout.
+
+``DIR/iter_NNNNNNN/`` holds one ``torch_dist`` checkpoint with the model, the optimizer (in the
+layout-free "fully reshardable" form, so a run resumes at another TP/PP/DP), the LR scheduler,
+every RNG, the iteration and the consumed-sample count; ``DIR/latest_checkpointed_iteration.txt``
+points at the newest. A checkpoint is written to ``iter_NNNNNNN.tmp`` and renamed once complete, and
+the pointer is replaced atomically after, so a job killed mid-save leaves the previous checkpoint
+current. A checkpoint with model weights only (``tools/convert_checkpoint.py``'s output) loads as a
+fine-tuning start: weights in, iteration 0, fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from megatron_qwen.config import ConfigError, to_dict
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG_FILE = "config.yaml"
+TRAIN_STATE_KEY = "megatron_qwen_train_state"  # present in common.pt of full training checkpoints
+# The distributed optimizer saves its state per parameter in model space: any layout reloads it.
+SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                    "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+
+
+def iter_dir(root: os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (its sharded keys are layout-free)."""
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def read_tracker(root: os.PathLike) -> Optional[int]:
+    """The iteration named by ``root``'s tracker file, or None when there is no checkpoint."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ConfigError(f"{tracker}: expected an iteration number, got {text[:40]!r}")
+    return int(text)
+
+
+def has_checkpoint(root: os.PathLike) -> bool:
+    """A tracker file, or a bare dist-checkpoint directory, is there."""
+    return read_tracker(root) is not None or (Path(root) / "metadata.json").is_file()
+
+
+def _rng_state() -> dict:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
+    """One RNG state per (PP, TP) rank; DP replicas share it (Megatron's seeding)."""
+    pp, tp = (parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_tensor_model_parallel_world_size())
+    return ShardedObject(
+        "rng_state", state, (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(),
+         parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _model_state(model_chunks) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def save_checkpoint(root: os.PathLike, iteration: int, model_chunks, optimizer, scheduler,
+                    consumed_samples: int, cfg, keep_last_k: Optional[int] = None) -> Path:
+    """Write ``root/iter_NNNNNNN`` atomically and point the tracker at it. Call on every rank."""
+    root = Path(root)
+    final = iter_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+        tmp.mkdir()
+    _barrier()
+    state = _model_state(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_METADATA)
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    state["checkpoint_version"] = 3.0
+    state[TRAIN_STATE_KEY] = {"config": to_dict(cfg), "world_size": torch.distributed.get_world_size()}
+    dist_checkpointing.save(state, str(tmp), content_metadata=dict(SHARDED_METADATA))
+    _barrier()
+    if _rank0():
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if final.exists():  # the same iteration saved again (e.g. SIGTERM right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / (TRACKER + ".tmp")
+        pointer.write_text(f"{iteration}\n")
+        os.replace(pointer, root / TRACKER)
+        (root / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if keep_last_k:
+            prune_checkpoints(root, keep_last_k)
+    _barrier()
+    return final
+
+
+def prune_checkpoints(root: os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete ``iter_*`` directories; return those deleted."""
+    done = sorted(p for p in Path(root).glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    doomed = done[:-keep] if keep else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) -> tuple[int, int]:
+    """Load ``root``'s latest checkpoint into the model (and, for a training checkpoint, the
+    optimizer, scheduler and RNG). Returns (iteration, consumed_samples): (0, 0) for a
+    weights-only checkpoint or with ``--finetune``. Call on every rank."""
+    root = Path(root)
+    iteration = read_tracker(root)
+    if iteration is None:
+        if (root / "metadata.json").is_file():  # a bare dist-checkpoint directory
+            ckpt = root
+        else:
+            raise ConfigError(f"--load {root}: no {TRACKER} (and not a checkpoint directory)")
+    else:
+        ckpt = iter_dir(root, iteration)
+    if not (ckpt / "metadata.json").is_file():
+        raise ConfigError(f"--load {root}: {ckpt} is not a complete checkpoint (no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    ck = cfg.checkpoint
+    full = TRAIN_STATE_KEY in common and not ck.finetune
+    state = _model_state(model_chunks)
+    if full and not ck.no_load_optim:
+        saved_dist = common[TRAIN_STATE_KEY]["config"]["parallel"]["use_distributed_optimizer"]
+        if saved_dist != cfg.parallel.use_distributed_optimizer:
+            flag = "with" if saved_dist else "without"
+            raise ConfigError(
+                f"--load {root}: the checkpoint was saved {flag} --use-distributed-optimizer; "
+                f"resume with the same setting (or pass --no-load-optim to start a fresh optimizer)")
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=SHARDED_METADATA)
+    same_layout = False
+    if full and not ck.no_load_rng:
+        saved = common[TRAIN_STATE_KEY]["config"]["parallel"]
+        same_layout = (saved["tensor_model_parallel_size"] == cfg.parallel.tensor_model_parallel_size
+                       and saved["pipeline_model_parallel_size"] == cfg.parallel.pipeline_model_parallel_size)
+        if same_layout:
+            state["rng_state"] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(state, str(ckpt), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if not full:
+        if _rank0():
+            print(f"loaded model weights from {ckpt} (weights only: iteration 0, fresh optimizer)",
+                  flush=True)
+        return 0, 0
+    if "optimizer" in loaded:
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    it, consumed = int(common["iteration"]), int(common["consumed_samples"])
+    if _rank0():
+        note = "" if same_layout or ck.no_load_rng else " (layout changed: RNG state re-seeded)"
+        print(f"resumed from {ckpt}: iteration {it}, {consumed} samples consumed{note}", flush=True)
+    return it, consumed

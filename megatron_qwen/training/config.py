@@ -1,0 +1,205 @@
+"""The trainer's config groups: data, optim, checkpoint, logging, train.
+
+They compose with the model and parallel groups of ``megatron_qwen.config`` into
+:class:`PretrainConfig`, the one config of ``pretrain_qwen.py``. Field names are Megatron-LM's
+flag names (``--lr-warmup-iters`` is ``optim.lr_warmup_iters``), so existing launch scripts read
+the same. The sequence length is the model group's ``seq_length`` (``--seq-length``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron_qwen.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_qwen.data.sft import SFTDataArgs
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the tokens come from and how they are cut into samples."""
+
+    # Megatron's blend: [prefix] or [w1, prefix1, w2, prefix2, ...]; prefixes of .bin/.idx pairs
+    data_path: Optional[list] = None
+    split: str = "98,2,0"  # train,valid,test weights over the documents of every corpus
+    data_cache_path: Optional[str] = None  # where GPTDataset caches its index .npy files
+    tokenizer_path: Optional[str] = None  # qwen.tiktoken; None: the one dashscope ships
+    eod_id: Optional[int] = None  # document separator; None: the tokenizer's <|endoftext|>
+    num_workers: int = 2  # DataLoader worker processes per rank
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+    def validate(self) -> None:
+        parts = [p for p in self.split.replace("/", ",").split(",") if p.strip()]
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"data.split={self.split!r}: expected weights like 98,2,0") from None
+        if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"data.split={self.split!r}: expected 1-3 non-negative weights like 98,2,0")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+
+    def blend(self) -> tuple[list[str], Optional[list[float]]]:
+        """``data_path`` as megatron-core's blend: (prefixes, weights or None)."""
+        items = [str(x) for x in (self.data_path or [])]
+        if not items:
+            raise ConfigError("data.data_path is empty: give --data-path PREFIX or --data-path W1 P1 W2 P2")
+        if len(items) == 1:
+            return items, None
+        if len(items) % 2:
+            raise ConfigError(
+                f"--data-path {' '.join(items)}: a blend is weight/prefix pairs (odd count given)")
+        weights, prefixes = [], []
+        for w, p in zip(items[0::2], items[1::2]):
+            try:
+                weights.append(float(w))
+            except ValueError:
+                raise ConfigError(f"--data-path: {w!r} is not a weight (expected W1 P1 W2 P2 ...)") from None
+            if weights[-1] <= 0:
+                raise ConfigError(f"--data-path: weight {w} of {p} must be > 0")
+            prefixes.append(p)
+        return prefixes, weights
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW, the LR schedule and numerics (report section 2.4)."""
+
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None  # of lr_decay_iters; replaces lr_warmup_iters
+    lr_warmup_init: float = 0.0
+    weight_decay: float = 0.1  # not applied to norms and biases (1-D parameters)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    bf16: bool = False  # BF16 compute with FP32 master weights and grads (GPU only; CPU runs FP32)
+
+    def validate(self) -> None:
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"optim.lr_decay_style={self.lr_decay_style!r}: choose cosine, linear or constant")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim: need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0")
+        if self.lr_warmup_fraction is not None and not 0.0 <= self.lr_warmup_fraction <= 1.0:
+            raise ConfigError(f"optim.lr_warmup_fraction={self.lr_warmup_fraction} must be in [0, 1]")
+        if self.lr_warmup_iters < 0:
+            raise ConfigError("optim.lr_warmup_iters must be >= 0")
+        if self.clip_grad < 0:
+            raise ConfigError("optim.clip_grad must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """megatron-core distributed checkpoints in Megatron-LM's ``DIR/iter_NNNNNNN/`` layout."""
+
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None  # iterations; None: only at the end and on SIGTERM
+    keep_last_k: Optional[int] = None  # delete older iter_* dirs; None keeps all
+    # A checkpoint with model weights only (the converter's output) starts a fresh run from those
+    # weights: iteration 0, new optimizer. Detected automatically; --finetune forces it.
+    finetune: bool = False
+    # Weights to start from when --load holds no checkpoint yet (continued pretraining from a
+    # base model: a requeued job then resumes its own --save, not the base again).
+    pretrained_checkpoint: Optional[str] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save a checkpoint, then exit cleanly
+
+    def validate(self) -> None:
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ConfigError("checkpoint.save_interval must be >= 1")
+        if self.keep_last_k is not None and self.keep_last_k < 1:
+            raise ConfigError("checkpoint.keep_last_k must be >= 1")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """Where metrics go: stdout always; TensorBoard and wandb when named."""
+
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    log_memory: bool = True
+    metrics_file: Optional[str] = None  # JSON lines of every logged record (full precision)
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError("logging.log_interval must be >= 1")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Batch shape, length of the run and the safety nets."""
+
+    task: str = "pretrain"  # pretrain | sft (a registered dataset provider)
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 100
+    eval_interval: Optional[int] = None  # None: no periodic validation
+    eval_iters: int = 10
+    seed: int = 1234
+    max_skipped_iters_in_a_row: int = 10  # NaN/Inf loss or grad norm: skip, stop after this many
+    exit_interval: Optional[int] = None  # stop (after saving) at an iteration multiple of this
+
+    def validate(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters",
+                     "max_skipped_iters_in_a_row"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of "
+                f"--micro-batch-size {self.micro_batch_size}")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Pretraining (and SFT) on megatron-core: `pretrain_qwen.py --config examples/pretrain_tiny.yaml`."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sft: SFTDataArgs = dataclasses.field(default_factory=SFTDataArgs)  # read by --task sft
+
+    def validate(self) -> None:
+        self.parallel.check_model(self.model)
+        if self.train.task == "pretrain" and not self.data.data_path:
+            raise ConfigError("--data-path is required for --task pretrain")
+        if self.train.task == "sft" and not self.sft.sft_data_path:
+            raise ConfigError("--sft-data-path is required for --task sft")
+
+    def check_world(self, world_size: int) -> int:
+        """Validate the layout against the process count; return the data-parallel size."""
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor x pipeline parallel = {tp} x {pp}")
+        dp = world_size // (tp * pp)
+        per_step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"--global-batch-size {self.train.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.train.micro_batch_size} x data-parallel size {dp}")
+        vpp = self.parallel.virtual_pipeline_model_parallel_size
+        if vpp and vpp > 1 and (self.train.global_batch_size // per_step) % pp:
+            raise ConfigError(
+                f"the interleaved schedule needs the number of micro-batches "
+                f"({self.train.global_batch_size // per_step}) to be a multiple of "
+                f"--pipeline-model-parallel-size {pp}")
+        return dp
+
+    def num_microbatches(self, dp: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)

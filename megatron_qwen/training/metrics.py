@@ -1,0 +1,116 @@
+"""Throughput, model FLOPs and MFU, and the sinks metrics go to (stdout, TensorBoard, wandb).
+
+Model FLOPs per token (the PaLM convention, stated so numbers compare across papers):
+``6 * N + 12 * L * h * s`` where N counts every matmul weight that touches each token (all
+transformer layers plus the output projection; not the input embedding, a lookup), and
+``12 * L * h * s`` is attention's QK^T and AV for forward + backward at context s (no discount for
+the causal mask). Recomputation is not counted: this is model FLOPs, not hardware FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from typing import Optional
+
+import torch
+
+# Dense BF16 peak per GPU in TFLOP/s (vendor datasheets, without sparsity).
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+
+
+def matmul_params(model_cfg, tp: int = 1) -> int:
+    """N of the FLOPs formula: weights of every layer plus the (padded) output projection."""
+    h, ffn, L = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_layers
+    kv = (model_cfg.num_query_groups or model_cfg.num_attention_heads) * model_cfg.kv_channels
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn
+    return L * per_layer + model_cfg.vocab_size_padded(tp) * h
+
+
+def flops_per_token(model_cfg, seq_length: Optional[int] = None) -> float:
+    """Training (forward + backward) model FLOPs per token."""
+    s = seq_length or model_cfg.seq_length
+    return 6.0 * matmul_params(model_cfg) + 12.0 * model_cfg.num_layers * model_cfg.hidden_size * s
+
+
+def peak_tflops(device_name: Optional[str] = None) -> Optional[float]:
+    """Dense BF16 peak of the detected GPU, or None (CPU, unknown GPU: MFU is n/a)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def throughput(model_cfg, tokens: int, seconds: float, num_gpus: int,
+               peak: Optional[float] = None) -> dict:
+    """tokens/s (whole job), TFLOP/s per GPU and MFU (None when the peak is unknown)."""
+    tflops = flops_per_token(model_cfg) * tokens / seconds / num_gpus / 1e12
+    return {"tokens_per_sec": tokens / seconds, "tflops_per_gpu": tflops,
+            "mfu": tflops / peak if peak else None}
+
+
+def memory_gib() -> dict:
+    if torch.cuda.is_available():
+        return {"mem_alloc_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class MetricsWriter:
+    """Writes scalars to stdout and, when configured, TensorBoard and wandb (one rank only)."""
+
+    def __init__(self, logging_cfg, full_config: dict, enabled: bool):
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if logging_cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=logging_cfg.tensorboard_dir)
+        if logging_cfg.wandb_project:
+            import wandb
+
+            # offline unless the user configured wandb (API key or WANDB_MODE)
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb.init(project=logging_cfg.wandb_project, name=logging_cfg.wandb_exp_name,
+                                    dir=logging_cfg.wandb_save_dir or logging_cfg.tensorboard_dir,
+                                    config=full_config, mode=mode)
+
+    def scalars(self, step: int, values: dict, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None and not isinstance(v, str)}
+        if self.tb is not None:
+            for k, v in clean.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=step)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_train_line(iteration: int, train_iters: int, m: dict) -> str:
+    mfu = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
+    mem = " | ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith(("mem_", "max_rss")))
+    return (f"iteration {iteration:>7d}/{train_iters} | lm loss {m['lm_loss']:.6E} | "
+            f"grad norm {m['grad_norm']:.4f} | lr {m['lr']:.4E} | "
+            f"tokens/s {m['tokens_per_sec']:.1f} | TFLOP/s/GPU {m['tflops_per_gpu']:.2f} | MFU {mfu} | "
+            f"skipped {m['skipped_iters']:d} | {mem}")
+
+
+def is_finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)

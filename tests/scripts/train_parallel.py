@@ -1,0 +1,53 @@
+"""Worker for tests/test_train_parallel.py: one torchrun launch, several layouts in turn.
+
+argv: OUT_DIR DATA_PREFIX INIT_CKPT RESUME_CKPT [RUN_NAME ...]. Every run starts from INIT_CKPT's weights
+(--finetune: fresh optimizer, iteration 0) so that each layout starts from the same model;
+the resume runs continue RESUME_CKPT (a single-process run stopped at iteration 10) at a new layout.
+"""
+
+import sys
+
+import torch
+
+from megatron_qwen.config import load_config
+from megatron_qwen.runtime import destroy, init_distributed
+from megatron_qwen.training.config import PretrainConfig
+from megatron_qwen.training.loop import train
+
+
+def main():
+    out, data, init_ckpt, resume_ckpt = sys.argv[1:5]
+
+    COMMON = ["--model.preset", "tiny_vocab", "--data-path", data, "--data-cache-path", f"{out}/cache",
+              "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "20",
+              "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "5", "--log-interval", "1",
+              "--num-workers", "0", "--seed", "7", "--no-exit-signal-handler", "--eod-id", "999"]
+
+    LAYOUTS = {
+        "tp2": ["--tensor-model-parallel-size", "2"],
+        "pp2": ["--pipeline-model-parallel-size", "2"],
+        "dp2": ["--use-distributed-optimizer"],
+        "pp2vpp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+        "dp2overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+                       "--save", f"{out}/overlap_ckpt"],
+    }
+    runs = [(name, flags + ["--load", init_ckpt, "--finetune"]) for name, flags in LAYOUTS.items()]
+    # resume the single-process checkpoint (plain optimizer) at other layouts
+    resume = {"tp2": LAYOUTS["tp2"], "pp2": LAYOUTS["pp2"], "dp2": []}
+    runs += [(f"resume_{name}", flags + ["--load", resume_ckpt]) for name, flags in resume.items()]
+
+    only = set(sys.argv[5:])  # optional: run only these (debugging)
+    for name, flags in runs:
+        if only and name not in only:
+            continue
+        cfg = load_config(PretrainConfig, COMMON + flags + ["--metrics-file", f"{out}/{name}.jsonl"])
+        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        train(cfg)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            print(f"done {name}", flush=True)
+    destroy()
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns helper processes that re-import this file
+    main()

@@ -1,0 +1,194 @@
+"""Trainer pieces that need no model: LR schedule, blend, sampler, skip guard, start-up errors."""
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+from megatron_qwen.config import ConfigError, build_config
+from megatron_qwen.training.config import PretrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(**groups):
+    recipe = {"model": {"preset": "tiny_vocab"}, "data": {"data_path": ["unused"]}}
+    for name, values in groups.items():
+        recipe.setdefault(name, {}).update(values)
+    return build_config(PretrainConfig, recipe)
+
+
+def _write(prefix, docs, dtype=numpy.int32):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for d in docs:
+        b.add_document(torch.tensor(d), [len(d)])
+    b.finalize(prefix + ".idx")
+
+
+@pytest.fixture()
+def world_of_one():
+    """BlendedDataset asks torch.distributed for the rank: a one-process gloo group."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- LR schedule
+
+
+def test_lr_schedule_is_warmup_then_cosine_to_min_lr():
+    from megatron_qwen.training.optimizer import build_scheduler, reference_lr
+
+    cfg = _cfg(optim={"lr": 3e-4, "min_lr": 3e-5, "lr_warmup_iters": 10}, train={"train_iters": 110})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    sched = build_scheduler(cfg, opt)
+    lrs = {}
+    for it in range(1, 121):  # the loop steps the scheduler once before each optimizer step
+        sched.step(1)
+        lrs[it] = opt.param_groups[0]["lr"]
+    assert lrs[1] == pytest.approx(3e-5) and lrs[5] == pytest.approx(1.5e-4)  # linear from 0
+    assert lrs[10] == pytest.approx(3e-4)  # peak at the end of warm-up
+    assert lrs[60] == pytest.approx(3e-5 + 0.5 * (3e-4 - 3e-5))  # cosine midpoint
+    assert lrs[110] == pytest.approx(3e-5) and lrs[120] == pytest.approx(3e-5)  # floor = min_lr
+    assert all(lrs[i + 1] <= lrs[i] + 1e-15 for i in range(10, 119))  # monotone decay
+    for it, lr in lrs.items():
+        assert lr == pytest.approx(reference_lr(it, 3e-4, 3e-5, 10, 110))
+
+
+def test_code_qwen_schedule_is_3_percent_warmup_then_constant():
+    from megatron_qwen.training.optimizer import build_scheduler, warmup_iters
+
+    cfg = _cfg(optim={"lr": 6e-5, "min_lr": 6e-5, "lr_warmup_fraction": 0.03,
+                      "lr_decay_style": "constant"}, train={"train_iters": 1000})
+    assert warmup_iters(cfg) == 30
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    sched = build_scheduler(cfg, opt)
+    lrs = []
+    for _ in range(1000):
+        sched.step(1)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[14] == pytest.approx(3e-5) and lrs[29] == pytest.approx(6e-5)
+    assert lrs[29:] == pytest.approx([6e-5] * 971)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_blend_weights_give_sample_counts_within_one_percent(tmp_path, world_of_one):
+    from megatron_qwen.data.pretrain import build_pretrain_datasets, split_sizes
+
+    rng = numpy.random.default_rng(0)
+    for name, lo in (("web", 0), ("code", 500)):  # disjoint id ranges tell the corpora apart
+        _write(str(tmp_path / name), [rng.integers(lo, lo + 400, rng.integers(20, 200)) for _ in range(300)])
+    cfg = _cfg(data={"data_path": [0.7, str(tmp_path / "web"), 0.3, str(tmp_path / "code")],
+                     "data_cache_path": str(tmp_path / "cache"), "eod_id": 999},
+               train={"train_iters": 250, "global_batch_size": 16})
+    train, valid, test = build_pretrain_datasets(cfg, split_sizes(250, 16, None, 1))
+    assert len(train) >= 4000 and test is None
+    ids = numpy.array([train[i]["dataset_id"] for i in range(len(train))])
+    assert abs((ids == 0).mean() - 0.7) < 0.01 and abs((ids == 1).mean() - 0.3) < 0.01
+    for i in range(0, len(train), 97):  # and each sample really comes from the corpus it names
+        toks = train[i]["tokens"].numpy()
+        assert ((toks >= 500) == bool(train[i]["dataset_id"])).mean() > 0.9
+    sample = train[0]
+    assert sample["tokens"].shape == (cfg.model.seq_length,)
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # next-token targets
+
+
+def test_sampler_deals_each_global_batch_once_and_resumes_in_place():
+    from megatron_qwen.data.pretrain import PretrainingSampler
+
+    gbs, mbs, dp = 8, 2, 2
+    seen = []
+    for rank in range(dp):
+        batches = list(PretrainingSampler(64, 0, mbs, rank, dp))
+        seen.append(batches)
+    # per step, rank r's micro-batches are its contiguous quarter of the global batch
+    flat = sorted(i for rank in seen for b in rank for i in b)
+    assert flat == list(range(64))
+    resumed = list(PretrainingSampler(64, 3 * gbs, mbs, 1, dp))
+    assert resumed == seen[1][3 * gbs // (mbs * dp):]
+
+
+def test_data_errors_are_one_line(tmp_path):
+    from megatron_qwen.data.pretrain import check_corpus
+
+    with pytest.raises(ConfigError, match=r"--data-path .*missing: no such file .*missing.bin"):
+        check_corpus(str(tmp_path / "missing"), 1000)
+    _write(str(tmp_path / "big"), [list(range(1990, 2010))] * 10)
+    with pytest.raises(ConfigError, match="token id 2009 >= vocab size 1000; the corpus was tokenized with another"):
+        check_corpus(str(tmp_path / "big"), 1000)
+    _write(str(tmp_path / "few"), [[1, 2, 3]] * 3)
+    with pytest.raises(ConfigError, match="leave the valid split of --split 98,2,0 without tokens"):
+        check_corpus(str(tmp_path / "few"), 1000, "98,2,0")
+    assert check_corpus(str(tmp_path / "few"), 1000, "1,0,0") == 9
+    with pytest.raises(ConfigError, match="a blend is weight/prefix pairs"):
+        _cfg(data={"data_path": [0.5, "a", "b"]}).data.blend()
+
+
+def test_batch_layout_errors_are_one_line():
+    with pytest.raises(ConfigError, match="not a multiple of --micro-batch-size 3"):
+        _cfg(train={"global_batch_size": 8, "micro_batch_size": 3})
+    cfg = _cfg(train={"global_batch_size": 6, "micro_batch_size": 2})
+    with pytest.raises(ConfigError, match=r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"):
+        cfg.check_world(2)
+    assert cfg.check_world(3) == 3 and cfg.num_microbatches(3) == 1
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by tensor x pipeline parallel = 2 x 1"):
+        _cfg(parallel={"tensor_model_parallel_size": 2}).check_world(3)
+
+
+def test_cli_reports_a_wrong_data_path_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_qwen.py"), "--config", str(REPO / "examples/pretrain_tiny.yaml"),
+         "--data-path", str(tmp_path / "nope"), "--save", "none", "--load", "none",
+         "--tensorboard-dir", "none"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --data-path ") and "nope.bin" in last
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- safety
+
+
+def test_skip_guard_counts_and_stops_after_n_in_a_row():
+    from megatron_qwen.training.loop import SkipGuard, TrainingStopped
+
+    g = SkipGuard(3)
+    assert [g.update(i, f) for i, f in enumerate([True, False, False, True, False], 1)] == \
+        [False, True, True, False, True]
+    assert g.total == 3 and g.in_a_row == 1
+    g.update(6, False)
+    with pytest.raises(TrainingStopped, match=r"iteration 7: 3 iterations in a row had a NaN/Inf"):
+        g.update(7, False)
+
+
+def test_model_flops_formula():
+    from megatron_qwen.config import load_model_config
+    from megatron_qwen.training import metrics
+
+    m = load_model_config("qwen_7b")
+    n = metrics.matmul_params(m)
+    # 32 layers x (4h^2 attention + 3 h ffn) + output layer 151936 x h
+    assert n == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 151936 * 4096
+    assert metrics.flops_per_token(m) == 6 * n + 12 * 32 * 4096 * 2048
+    assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert metrics.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert metrics.peak_tflops("NVIDIA H200") == 989.0 and metrics.peak_tflops("Tesla T4") is None
+    t = metrics.throughput(m, tokens=4_000_000, seconds=10.0, num_gpus=64, peak=989.0)
+    assert t["mfu"] == pytest.approx(t["tflops_per_gpu"] / 989.0)
+    assert math.isclose(t["tokens_per_sec"], 400_000)
