@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""The report's whole pipeline on a tiny model and a small real corpus, on CPU (`make demo`).
+
+Each stage is one documented command that you can run alone (they are printed as they run);
+this script only chains them, times them, skips the ones already finished (a marker in
+OUT/.done/), and ends with a summary table and a PNG of the loss/reward curves.
+
+    python examples/demo.py [--out demo_out] [--fresh] [--smoke]
+
+`--smoke` shrinks every stage to its smallest size (the test suite runs the chain that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    cmd: list
+    metric: Callable[[], str] = lambda: ""
+    artefact: str = ""
+    nproc: int = 1  # >1: launched with torchrun (gloo processes on CPU)
+    env: dict = field(default_factory=dict)
+
+
+def torchrun(nproc: int, script: str, *args) -> list:
+    return [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={29500 + os.getpid() % 1000}", script, *map(str, args)]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def summary_metric(path: Path, *keys: str) -> Callable[[], str]:
+    """Pick counters out of a corpus tool's --summary JSON."""
+
+    def metric() -> str:
+        s = read_json(path)
+        flat = {**s, **s.get("counters", {}), **s.get("removed", {})}
+        parts = [f"{k}={flat[k]}" for k in keys if k in flat]
+        removed = s.get("removed") if isinstance(s.get("removed"), dict) else {}
+        if any(removed.values()):
+            parts.append("removed: " + ", ".join(f"{k} {v}" for k, v in removed.items() if v))
+        return "; ".join(parts)
+
+    return metric
+
+
+def scalars(logdir: Path) -> dict:
+    """All TensorBoard scalars under logdir: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict = {}
+    for events in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
+def find_tag(tags: dict, *candidates: str) -> Optional[str]:
+    return next((c for c in candidates if c in tags), None)
+
+
+def curve_metric(logdir: Path, *names: str) -> Callable[[], str]:
+    def metric() -> str:
+        tags = scalars(logdir)
+        tag = find_tag(tags, *names)
+        if not tag or not tags[tag]:
+            return ""
+        first, last = tags[tag][0][1], tags[tag][-1][1]
+        return f"{tag}: {first:.3f} -> {last:.3f}"
+
+    return metric
+
+
+def plan(out: Path, smoke: bool) -> list:
+    raw, clean, data, ck, hf, tb = (out / d for d in ("raw", "clean", "data", "ckpt", "hf", "tensorboard"))
+    pre_iters = 20 if smoke else 200
+    sft_iters = 20 if smoke else 150
+    ppo_iters = 3 if smoke else 20
+    rm_epochs = 1 if smoke else 3
+    max_zh = 60 if smoke else 300
+    corpus_prefix = data / "pretrain"
+    corpus_doc = f"{corpus_prefix}_text_document"
+    return [
+        Stage("data", "real multilingual text + instruction/preference/benchmark sets",
+              [PY, "tools/make_demo_data.py", "--out", raw, "--max-chinese", max_zh],
+              lambda: f"{read_json(raw / 'stats.json').get('raw_docs', '?')} raw docs", str(raw)),
+        Stage("extract", "HTML -> text (trafilatura) + language id (py3langid)",
+              [PY, "tools/extract_text.py", "--input", raw / "html.jsonl", "--output", clean / "extracted.jsonl",
+               "--summary", clean / "extract.summary.json"],
+              summary_metric(clean / "extract.summary.json", "kept"), str(clean / "extracted.jsonl")),
+        Stage("langid", "language id on the plain-text documents",
+              [PY, "tools/extract_text.py", "--input", raw / "raw.jsonl", "--output", clean / "lang.jsonl",
+               "--no-extract", "--summary", clean / "langid.summary.json"],
+              summary_metric(clean / "langid.summary.json", "kept"), str(clean / "lang.jsonl")),
+        Stage("dedup-exact", "exact dedup after normalisation",
+              [PY, "tools/dedup.py", "--method", "exact", "--input", clean / "lang.jsonl", clean / "extracted.jsonl",
+               "--output", clean / "exact.jsonl", "--summary", clean / "exact.summary.json"],
+              summary_metric(clean / "exact.summary.json", "kept"), str(clean / "exact.jsonl")),
+        Stage("dedup-minhash", "MinHash-LSH fuzzy dedup (threshold 0.8)",
+              [PY, "tools/dedup.py", "--method", "minhash", "--input", clean / "exact.jsonl", "--output",
+               clean / "minhash.jsonl", "--threshold", "0.8", "--verify", "--summary", clean / "minhash.summary.json"],
+              summary_metric(clean / "minhash.summary.json", "kept"), str(clean / "minhash.jsonl")),
+        Stage("filter", "rule-based quality filters (Gopher/C4-style, Chinese-aware)",
+              [PY, "tools/filter.py", "--input", clean / "minhash.jsonl", "--output", clean / "filtered.jsonl",
+               "--min-words", "20", "--min-cjk-chars", "40", "--summary", clean / "filter.summary.json"],
+              summary_metric(clean / "filter.summary.json", "kept"), str(clean / "filtered.jsonl")),
+        Stage("decontaminate", "13-gram decontamination against the benchmark test set",
+              [PY, "tools/decontaminate.py", "--input", clean / "filtered.jsonl", "--output", clean / "clean.jsonl",
+               "--benchmark", f"demo_bench={raw / 'benchmark.jsonl'}", "--benchmark-key", "question",
+               "--summary", clean / "decontaminate.summary.json"],
+              summary_metric(clean / "decontaminate.summary.json", "kept"), str(clean / "clean.jsonl")),
+        Stage("tokenize", "tokenize with the real Qwen vocabulary into a Megatron indexed dataset",
+              [PY, "tools/preprocess_data.py", "--input", clean / "clean.jsonl", "--output-prefix", corpus_prefix,
+               "--json-keys", "text", "--append-eod", "--workers", "2", "--summary", data / "tokenize.summary.json"],
+              summary_metric(data / "tokenize.summary.json", "tokens", "kept"), corpus_doc + ".bin"),
+        Stage("pretrain", f"pretrain a tiny Qwen, TP=2 on 2 gloo processes, {pre_iters // 2} steps, save",
+              torchrun(2, "pretrain_qwen.py", "--config", "examples/pretrain_tiny.yaml",
+                       "--tensor-model-parallel-size", "2", "--data-path", corpus_doc,
+                       "--data-cache-path", data / "cache", "--save", ck / "pretrain", "--load", ck / "pretrain",
+                       "--train-iters", pre_iters, "--exit-interval", pre_iters // 2, "--save-interval", pre_iters // 2,
+                       "--eval-interval", pre_iters // 2, "--log-interval", 2, "--tensorboard-dir", tb / "pretrain"),
+              curve_metric(tb / "pretrain", "train/lm_loss"), str(ck / "pretrain"), nproc=2),
+        Stage("pretrain-resume", "resume from the checkpoint (--load) and finish",
+              torchrun(2, "pretrain_qwen.py", "--config", "examples/pretrain_tiny.yaml",
+                       "--tensor-model-parallel-size", "2", "--data-path", corpus_doc,
+                       "--data-cache-path", data / "cache", "--save", ck / "pretrain", "--load", ck / "pretrain",
+                       "--train-iters", pre_iters, "--save-interval", pre_iters // 2,
+                       "--eval-interval", pre_iters // 2, "--log-interval", 2, "--tensorboard-dir", tb / "pretrain"),
+              curve_metric(tb / "pretrain", "train/lm_loss"), str(ck / "pretrain"), nproc=2),
+        Stage("sft", "SFT in ChatML with masked loss, from the pretrained checkpoint (PP=2)",
+              torchrun(2, "pretrain_qwen.py", "--config", "examples/sft_tiny.yaml", "--task", "sft",
+                       "--pipeline-model-parallel-size", "2", "--sft-data-path", raw / "sft.jsonl",
+                       "--pretrained-checkpoint", ck / "pretrain", "--save", ck / "sft", "--load", ck / "sft",
+                       "--train-iters", sft_iters, "--log-interval", 2, "--tensorboard-dir", tb / "sft"),
+              curve_metric(tb / "sft", "train/lm_loss"), str(ck / "sft"), nproc=2),
+        Stage("sft-to-hf", "convert the SFT checkpoint to Hugging Face (qwen2 layout)",
+              [PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ck / "sft", "--out", hf / "sft"],
+              lambda: "", str(hf / "sft")),
+        Stage("reward-model", "reward model on DeepSpeed ZeRO-2 (2 processes), pairwise loss",
+              torchrun(2, "tools/train_reward_model.py", "--config", "examples/rm_tiny_cpu.yaml",
+                       "--model-path", hf / "sft", "--train-data-path", raw / "pairs_train.jsonl",
+                       "--test-data-path", raw / "pairs_test.jsonl", "--epochs", rm_epochs,
+                       "--save", ck / "rm", "--export-dir", hf / "rm", "--log-interval", 1, "--tensorboard-dir", tb / "rm"),
+              curve_metric(tb / "rm", "test/accuracy", "train/accuracy"), str(hf / "rm"), nproc=2),
+        Stage("ppo", "PPO with four DeepSpeed engines (actor, critic, reference, reward) + PPO-ptx",
+              torchrun(2, "tools/train_ppo.py", "--config", "examples/ppo_tiny_cpu.yaml",
+                       "--actor-path", hf / "sft", "--reward-path", hf / "rm",
+                       "--prompt-data-path", raw / "prompts.jsonl", "--ptx-data-path", corpus_doc,
+                       "--train-iters", ppo_iters, "--save", ck / "ppo", "--export-dir", hf / "ppo",
+                       "--tensorboard-dir", tb / "ppo"),
+              curve_metric(tb / "ppo", "reward/raw"), str(hf / "ppo"), nproc=2),
+        Stage("final-to-mcore", "convert the PPO actor back to megatron-core (torch_dist)",
+              [PY, "tools/convert_checkpoint.py", "hf-to-mcore", "--hf", hf / "ppo", "--out", ck / "final",
+               "--tp", "1", "--pp", "1"],
+              lambda: "", str(ck / "final")),
+        Stage("chat", "one chat through tools/generate.py and one through transformers: same answer",
+              [PY, "examples/chat_both.py", "--mcore", ck / "final", "--hf", hf / "ppo", "--out", out / "chat.json"],
+              lambda: (f"same answer: {read_json(out / 'chat.json').get('transformers', '')[:40]!r}"
+                       if read_json(out / "chat.json").get("same") else "answers differ"),
+              str(out / "chat.json")),
+    ]
+
+
+def run_stage(stage: Stage, out: Path, log_dir: Path) -> float:
+    cmd = [str(c) for c in stage.cmd]
+    print(f"\n=== {stage.name}: {stage.what}\n$ {shlex.join(cmd)}", flush=True)
+    log = log_dir / f"{stage.name}.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **stage.env}
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if not line.startswith(" ") and "Warning" not in line:
+                sys.stdout.write("  " + line)
+        proc.wait()
+    if proc.returncode != 0:
+        tail = "".join(open(log).readlines()[-30:])
+        raise SystemExit(f"demo: stage {stage.name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return time.time() - start
+
+
+def plot(out: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("pretrain", ("train/lm_loss",)), ("sft", ("train/lm_loss",)),
+              ("rm", ("train/loss",)), ("ppo", ("reward/raw",))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (name, candidates) in zip(axes, panels):
+        tags = scalars(out / "tensorboard" / name) if (out / "tensorboard" / name).exists() else {}
+        tag = find_tag(tags, *candidates)
+        if tag:
+            steps, values = zip(*tags[tag])
+            ax.plot(steps, values)
+            ax.set_ylabel(tag)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "demo_out")
+    p.add_argument("--fresh", action="store_true", help="forget finished stages and run everything")
+    p.add_argument("--smoke", action="store_true", help="smallest sizes (used by the test suite)")
+    p.add_argument("--until", help="stop after this stage")
+    args = p.parse_args(argv)
+    out = args.out.resolve()
+    done_dir, log_dir = out / ".done", out / "logs"
+    if args.fresh and done_dir.exists():
+        for m in done_dir.iterdir():
+            m.unlink()
+    done_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    total = time.time()
+    for stage in plan(out, args.smoke):
+        marker = done_dir / stage.name
+        if marker.exists():
+            print(f"=== {stage.name}: done already (delete {marker} to re-run)")
+            rows.append((stage.name, float(marker.read_text() or 0), stage.metric(), stage.artefact))
+        else:
+            seconds = run_stage(stage, out, log_dir)
+            marker.write_text(f"{seconds:.1f}")
+            rows.append((stage.name, seconds, stage.metric(), stage.artefact))
+        if stage.name == args.until:
+            break
+    png = plot(out)
+    print(f"\n{'stage':16s} {'time':>7s}  key metric")
+    for name, seconds, metric, _ in rows:
+        print(f"{name:16s} {seconds:6.1f}s  {metric}")
+    print(f"\ntotal {time.time() - total:.0f}s this run. Artefacts:")
+    for name, _, _, artefact in rows:
+        print(f"  {name:16s} {artefact}")
+    print(f"  {'curves':16s} {png}\n  {'logs':16s} {log_dir}")
+    (out / "summary.json").write_text(json.dumps(
+        [{"stage": n, "seconds": round(s, 1), "metric": m, "artefact": a} for n, s, m, a in rows], indent=2,
+        ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Sampling responses from the actor: KV-cached, batched, and safe under ZeRO-3.
+
+Why our own loop rather than ``generate``: (1) under ZeRO-3 every forward is a collective (each
+layer's parameters are gathered from all ranks), so a rank whose responses have all ended must keep
+stepping until every rank is done; we all-reduce a "still running" flag each step and feed finished
+rows a pad token. (2) Each sequence draws its uniforms from its own ``torch.Generator`` seeded
+by (seed, step, global sample index), so the samples do not depend on how the batch is split over
+ranks or on what else is in the batch: one process and N processes roll out the same responses,
+and a resumed run rolls out what the uninterrupted run would have. The uniforms are drawn up front
+(one per row and token) and each step samples all rows at once by inverse CDF, so the per-row
+streams cost no per-token Python loop.
+
+Both samples of a prompt are generated in the same batch, so the prompt's KV cache is computed
+in one pass for all rows and the prompt forward is shared work per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from megatron_qwen.rlhf.heads import position_ids_from_mask
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One rank's batch of prompt + response sequences (left-padded prompts, right-padded responses)."""
+
+    sequences: torch.Tensor  # [b, P + R] token ids
+    attention_mask: torch.Tensor  # [b, P + R] 1 on real prompt and response tokens
+    prompt_length: int  # P: responses start at this column
+    response_mask: torch.Tensor  # [b, R] float, 1 on response tokens (through the stop token)
+    finished: torch.Tensor  # [b] bool: the response ended with the stop token
+    prompt_index: torch.Tensor  # [b] global prompt index (for logging/grouping)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length:]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1).long()
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling);
+    the others get -inf. The most likely token is always kept."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # drop a token if the mass *before* it already reaches top_p
+    drop = (probs.cumsum(-1) - probs) >= top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row: the first index whose cumulative probability reaches ``u * total``.
+
+    ``uniforms`` lie in (0, 1]; a token with probability 0 (cut by top-p) has an empty interval
+    and is never chosen."""
+    cdf = probs.double().cumsum(-1)
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    seeds: list[int],
+    *,
+    max_new_tokens: int,
+    stop_token_id: int,
+    pad_token_id: int,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    prompt_index: list[int] | None = None,
+    device: torch.device | None = None,
+) -> Rollout:
+    """Sample one response per prompt row (repeat a prompt to get several samples).
+
+    ``model`` is a transformers causal LM (``engine.module`` for a DeepSpeed engine). Every rank
+    must call this in the same step; it returns when all ranks' rows have stopped or hit
+    ``max_new_tokens``.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ids, mask = left_pad(prompts, pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    b, prompt_len = ids.shape
+    # one uniform in (0, 1] per row and token, from the row's own generator
+    uniforms = torch.stack([
+        1.0 - torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+        for s in seeds]).to(device)
+
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    next_pos = mask.sum(1)  # position id of the first response token
+    tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    full_mask = mask
+    steps = 0
+    for t in range(max_new_tokens):
+        probs = torch.softmax(top_p_filter(logits.float() / temperature, top_p), dim=-1)
+        new = sample_inverse_cdf(probs, uniforms[:, t])
+        new = torch.where(done, torch.full_like(new, pad_token_id), new)
+        tokens[:, t] = new
+        finished |= (~done) & (new == stop_token_id)
+        live = ~done  # rows that produced a real token at step t
+        done |= new == stop_token_id
+        steps = t + 1
+        if t + 1 == max_new_tokens or not _any_rank(not bool(done.all()), device):
+            break
+        full_mask = torch.cat([full_mask, live.long().unsqueeze(1)], dim=1)
+        out = model(input_ids=new.unsqueeze(1), attention_mask=full_mask,
+                    position_ids=(next_pos + t).unsqueeze(1), past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+
+    tokens = tokens[:, :steps]
+    # response mask: every token up to and including the stop token (all of them if it never came)
+    is_stop = (tokens == stop_token_id).long()
+    before_stop = (is_stop.cumsum(1) - is_stop) == 0
+    response_mask = before_stop.float()
+    sequences = torch.cat([ids, tokens], dim=1)
+    attention_mask = torch.cat([mask, response_mask.long()], dim=1)
+    if was_training:
+        model.train()
+    return Rollout(
+        sequences=sequences, attention_mask=attention_mask, prompt_length=prompt_len,
+        response_mask=response_mask, finished=finished,
+        prompt_index=torch.tensor(prompt_index if prompt_index is not None else list(range(b))),
+    )
