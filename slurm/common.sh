@@ -48,25 +48,27 @@ check_layout() {
     fi
 }
 
-launch_training() {
-    : "${RECIPE:?set RECIPE}" "${TP:?set TP}" "${PP:?set PP}" "${MICRO_BATCH:?}" "${GLOBAL_BATCH:?}"
-    local run_name=${RUN_NAME:-$(basename "$RECIPE" .yaml)}
+# Per-job directories: LOG_DIR (logs, TensorBoard) and SAVE_DIR (checkpoints).
+prepare_job_dirs() {
+    RUN_NAME=${RUN_NAME:-$(basename "$RECIPE" .yaml)}
+    LOG_DIR=$LOG_ROOT/${RUN_NAME}-${SLURM_JOB_ID:-local}
+    SAVE_DIR=${SAVE_DIR:-$CKPT_ROOT/$RUN_NAME}
+    mkdir -p "$LOG_DIR" "$SAVE_DIR"
+}
+
+# One torchrun per node through srun, running $REPO/ENTRY with the given flags. On the time-limit
+# warning (#SBATCH --signal=B:USR1@...) or preemption (SIGTERM): ask every worker to save and exit
+# (SIGTERM through srun -> torchrun -> workers), wait for the save, then put the job back in the
+# queue. A requeued job resumes from its own checkpoint directory.
+run_on_nodes() {
+    local entry=$1; shift
     local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     local gpus_per_node=${GPUS_PER_NODE:-8}
-    check_layout $(( nodes * gpus_per_node ))
-
     local job_id=${SLURM_JOB_ID:-local}
-    local log_dir=$LOG_ROOT/${run_name}-${job_id}
-    local save_dir=${SAVE_DIR:-$CKPT_ROOT/$run_name}
-    mkdir -p "$log_dir" "$save_dir"
-
     local master_addr
     master_addr=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)
     local master_port=${MASTER_PORT:-$(( 29500 + ${SLURM_JOB_ID:-0} % 1000 ))}
 
-    # Requeue on the time-limit warning (#SBATCH --signal=B:USR1@...) or preemption (SIGTERM):
-    # ask every worker to save and exit (SIGTERM through srun -> torchrun -> workers), wait for the
-    # save, then put the job back in the queue. A requeued job resumes from --load = --save.
     local srun_pid=""
     on_stop_signal() {
         echo "$(date -u +%FT%TZ) stop signal: asking workers to save a checkpoint and exit" >&2
@@ -79,18 +81,37 @@ launch_training() {
     }
     trap on_stop_signal USR1 TERM
 
-    echo "job $job_id: $nodes nodes x $gpus_per_node GPUs, TP=$TP PP=$PP, recipe $RECIPE, logs in $log_dir"
-    srun --kill-on-bad-exit=1 --ntasks-per-node=1 --output="$log_dir/%x-%j-node%n.log" \
+    echo "job $job_id: $nodes nodes x $gpus_per_node GPUs, $entry, recipe $RECIPE, logs in $LOG_DIR"
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 --output="$LOG_DIR/%x-%j-node%n.log" \
         "$PYTHON" -m torch.distributed.run \
             --nnodes="$nodes" --nproc-per-node="$gpus_per_node" \
             --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="$job_id" \
             --shutdown-timeout="$SAVE_TIMEOUT_S" \
-            "$REPO/pretrain_qwen.py" --config "$REPO/$RECIPE" \
-            --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
-            --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
-            --save "$save_dir" --load "$save_dir" \
-            --tensorboard-dir "$log_dir/tensorboard" \
-            ${EXTRA_ARGS:-} "$@" &
+            "$REPO/$entry" "$@" &
     srun_pid=$!
     wait "$srun_pid"
+}
+
+# The Megatron trainer (pretraining, Code-Qwen, SFT): the layout comes from the named settings.
+launch_training() {
+    : "${RECIPE:?set RECIPE}" "${TP:?set TP}" "${PP:?set PP}" "${MICRO_BATCH:?}" "${GLOBAL_BATCH:?}"
+    check_layout $(( ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} * ${GPUS_PER_NODE:-8} ))
+    prepare_job_dirs
+    echo "layout: TP=$TP PP=$PP micro-batch $MICRO_BATCH global batch $GLOBAL_BATCH"
+    # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+    run_on_nodes pretrain_qwen.py --config "$REPO/$RECIPE" \
+        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+        --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
+        --save "$SAVE_DIR" --load "$SAVE_DIR" \
+        --tensorboard-dir "$LOG_DIR/tensorboard" \
+        ${EXTRA_ARGS:-} "$@"
+}
+
+# The DeepSpeed trainers (reward model, PPO): ZeRO shards over all ranks, no TP/PP to check.
+launch_deepspeed_job() {
+    local entry=$1; shift
+    : "${RECIPE:?set RECIPE}"
+    prepare_job_dirs
+    # shellcheck disable=SC2086
+    run_on_nodes "$entry" --config "$REPO/$RECIPE" --tensorboard-dir "$LOG_DIR/tensorboard" ${EXTRA_ARGS:-} "$@"
 }

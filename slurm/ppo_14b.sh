@@ -19,24 +19,15 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@900
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-set -euo pipefail
 
 # ---- settings (override from the environment) -------------------------------------------
 RECIPE=${RECIPE:-examples/ppo_14b.yaml}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_PORT=${MASTER_PORT:-29500}
-REPO=${REPO:-$(pwd)}
-VENV=${VENV:-$REPO/.venv}
 # -------------------------------------------------------------------------------------------
 
-mkdir -p logs
-source "$VENV/bin/activate"
-export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=8
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-
-# one torchrun per node; DeepSpeed reads RANK/WORLD_SIZE/LOCAL_RANK from torchrun
-srun --kill-on-bad-exit=1 bash -c "torchrun \
-    --nnodes=$SLURM_NNODES --nproc-per-node=$GPUS_PER_NODE --node-rank=\$SLURM_NODEID \
-    --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$SLURM_JOB_ID \
-    $REPO/tools/train_ppo.py --config $REPO/$RECIPE $*"
+source "$(dirname "$0")/common.sh" 2>/dev/null || source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
+launch_deepspeed_job tools/train_ppo.py "$@"
