@@ -112,6 +112,10 @@ launch_deepspeed_job() {
     local entry=$1; shift
     : "${RECIPE:?set RECIPE}"
     prepare_job_dirs
+    # A requeued job finds its own checkpoint (DeepSpeed's 'latest' tag) and resumes from it.
+    local resume=()
+    [[ -f "$SAVE_DIR/latest" ]] && resume=(--load "$SAVE_DIR")
     # shellcheck disable=SC2086
-    run_on_nodes "$entry" --config "$REPO/$RECIPE" --tensorboard-dir "$LOG_DIR/tensorboard" ${EXTRA_ARGS:-} "$@"
+    run_on_nodes "$entry" --config "$REPO/$RECIPE" --save "$SAVE_DIR" "${resume[@]}" \
+        --tensorboard-dir "$LOG_DIR/tensorboard" ${EXTRA_ARGS:-} "$@"
 }
