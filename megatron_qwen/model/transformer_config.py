@@ -15,6 +15,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class QwenTransformerConfig(TransformerConfig):
     qwen_attention_backend: str = "sdpa"  # ModelConfig.attention_backend: sdpa | flash | unfused
     training_seq_length: int = 2048  # ModelConfig.seq_length: LogN / dynamic NTK pivot on it
-    use_dynamic_ntk: bool = False  # report 2.5; read by the RoPE when implemented
-    use_logn_attn: bool = False  # report 2.5; read by QwenCoreAttention when implemented
+    use_dynamic_ntk: bool = False  # report 2.5; read by QwenRotaryEmbedding (long_context.py)
+    use_logn_attn: bool = False  # report 2.5; read by QwenCoreAttention (attention.py)
     window_sizes: Optional[List[Optional[int]]] = None  # one window (or None) per layer
