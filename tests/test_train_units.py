@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from megatron_qwen.config import ConfigError, build_config
+from megatron_qwen import runtime
 from megatron_qwen.training.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +36,8 @@ def _write(prefix, docs, dtype=numpy.int32):
 @pytest.fixture()
 def world_of_one():
     """BlendedDataset asks torch.distributed for the rank: a one-process gloo group."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
-        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            torch.distributed.destroy_process_group()
+    with runtime.world_of_one():
+        yield
 
 
 # --------------------------------------------------------------------------- LR schedule

@@ -15,10 +15,8 @@ Directory layout (as Megatron-LM): ``DIR/latest_checkpointed_iteration.txt``, ``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -32,6 +30,7 @@ from megatron_qwen.checkpoint.mapping import (
     mcore_name,
 )
 from megatron_qwen.config import ModelConfig, ParallelConfig
+from megatron_qwen.runtime.distributed import world_of_one
 
 META_KEY = "megatron_qwen"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -54,28 +53,6 @@ def ckpt_key(role: str) -> str:
     """The dist-checkpoint key of a role: the parameter name with the layer index removed."""
     name = mcore_name(role, 0 if role in LAYER_ROLES else None)
     return name.replace("decoder.layers.0.", "decoder.layers.")
-
-
-@contextlib.contextmanager
-def process_group():
-    """A one-process gloo group when none exists (dist_checkpointing needs torch.distributed).
-
-    On a CPU-only machine megatron-core's checkpoint code calls ``torch.cuda.synchronize``;
-    ``cpu_compat`` (a no-op with a GPU) redirects it.
-    """
-    from megatron_qwen.runtime import cpu_compat
-
-    cpu_compat.install()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
-        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            torch.distributed.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- writing
@@ -122,7 +99,7 @@ def save_mcore_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], 
                        "parallel": dataclasses.asdict(parallel)}
     state["checkpoint_version"] = 3.0
     state["iteration"] = iteration
-    with process_group():
+    with world_of_one():
         dist_checkpointing.save(state, str(ckpt_dir))
     (Path(directory) / TRACKER).write_text(f"{iteration}\n")
     recipe = {"model": dataclasses.asdict(cfg), "parallel": dataclasses.asdict(parallel)}
@@ -161,7 +138,7 @@ class McoreCheckpointReader:
 
         self.root = Path(directory)
         self.dir = resolve_checkpoint_dir(directory)
-        with process_group():
+        with world_of_one():
             common = dist_checkpointing.load_common_state_dict(str(self.dir))
             self._meta_tensors = dist_checkpointing.load_tensors_metadata(str(self.dir))
         self.meta: dict = dict(common.get(META_KEY) or {})
@@ -233,7 +210,7 @@ class McoreCheckpointReader:
                 request[role] = ShardedTensor.from_rank_offsets(
                     meta.key, torch.empty((1, *shape[1:]), dtype=meta.dtype),
                     (0, layer, self.num_layers))
-        with process_group():
+        with world_of_one():
             loaded = dist_checkpointing.load(request, str(self.dir), validate_access_integrity=False)
         return {role: loaded[role] if layer is None else loaded[role][0] for role in request}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional
 
 import torch
@@ -144,25 +143,6 @@ def build_model(
     return chunks
 
 
-@contextlib.contextmanager
-def _world_of_one():
-    """A throwaway single-process group (in-memory store) when nothing is initialised."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_qwen.runtime import cpu_compat
-
-    cpu_compat.install()
-    torch.distributed.init_process_group(
-        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
-    )
-    try:
-        ps.initialize_model_parallel(1, 1)
-        yield
-    finally:
-        ps.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-
-
 def count_parameters(model_cfg: ModelConfig) -> int:
     """Parameters of the whole model with the released (TP=1) vocabulary padding, counted on the
     meta device (nothing is allocated, so it works for 14B on a laptop).
@@ -173,7 +153,9 @@ def count_parameters(model_cfg: ModelConfig) -> int:
     from megatron.core import parallel_state as ps
 
     if not torch.distributed.is_initialized():
-        with _world_of_one():
+        from megatron_qwen.runtime.distributed import world_of_one
+
+        with world_of_one(model_parallel=True):
             return count_parameters(model_cfg)
     tp = ps.get_tensor_model_parallel_world_size()
     parallel_cfg = ParallelConfig(

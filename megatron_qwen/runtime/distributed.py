@@ -3,15 +3,41 @@ model-parallel groups and RNG seeds. One call for every entry point, GPU or CPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
+import tempfile
 
 import numpy as np
 import torch
 
 from megatron_qwen.config import ConfigError, ParallelConfig
 from megatron_qwen.runtime import cpu_compat
+
+
+@contextlib.contextmanager
+def world_of_one(model_parallel: bool = False):
+    """A throwaway one-process gloo group for single-process tools and tests (megatron-core's
+    checkpointing and datasets ask torch.distributed for ranks); the existing group, untouched,
+    when one is initialised. ``model_parallel`` also sets up TP=PP=1 groups for model building."""
+    cpu_compat.install()
+    if torch.distributed.is_initialized():
+        yield
+        return
+    from megatron.core import parallel_state as ps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            if model_parallel:
+                ps.initialize_model_parallel(1, 1)
+            yield
+        finally:
+            if model_parallel:
+                ps.destroy_model_parallel()
+            torch.distributed.destroy_process_group()
 
 
 def device() -> torch.device:
