@@ -1,17 +1,26 @@
 #!/usr/bin/env python
-"""preprocess_data.py throughput vs raw tiktoken encoding of the same text.
+"""preprocess_data.py throughput vs raw tiktoken encoding of the same text, per worker.
 
 Builds a JSONL corpus of real text found on this machine (the Qwen report seeds if present,
-CPython's standard-library sources and docs, the test corpus), then times, on the same
-documents (cut at blank lines to a few KB each, like web pages): (1) tiktoken's ``encode_ordinary`` on one thread, texts already in memory: the
-ceiling; (2) the whole tool on 1 worker: read + JSON parse + encode + megatron-core writer;
-(3) the tool on N workers. Prints tokens/s and the ratios.
+CPython's standard-library sources and docs, the test corpus), cut at blank lines into few-KB
+documents like web pages, then times on the same documents:
 
-    python bench/preprocess_data.py [--mb 8] [--workers 1 2] [--repeat 5] [--chunk-bytes 262144]
+* raw x N: tiktoken's ``encode_ordinary`` on N forked processes, each a contiguous 1/N of the
+  texts already in memory (N = 1: one thread in this process). The ceiling for N workers on
+  this machine: N processes of pure encoding, sharing its cores, caches and memory bandwidth;
+* the tool on N workers: read + JSON parse + encode + megatron-core writer, ``--append-eod``.
+
+The per-worker figure is the tool on N workers over raw x N (wall-clock tokens/s; the CPU-second
+ratio is printed too). A virtual machine's speed drifts by tens of percent from one second to
+the next, so each tool run is paired with the raw run just before it and the median of the
+pairs' ratios is reported, with their range.
+
+    python bench/preprocess_data.py [--mb 30] [--workers 1 2] [--repeat 7] [--chunk-bytes 262144]
 """
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import sysconfig
@@ -57,12 +66,24 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def _encode_share(share) -> tuple:
+    """Worker of raw x N: encode texts[start:stop] (inherited through fork) with tiktoken."""
+    start, stop = share
+    c0 = time.process_time()
+    n = sum(len(_ENC.encode_ordinary(t)) for t in _TEXTS[start:stop])
+    return n, time.process_time() - c0
+
+
+_ENC, _TEXTS = None, []
+
+
 def main() -> None:
+    global _ENC, _TEXTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=float, default=8.0, help="corpus size in MB of text")
+    ap.add_argument("--mb", type=float, default=30.0, help="corpus size in MB of text")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--chunk-bytes", type=int, default=256 << 10, help="the tool's --chunk-bytes")
-    ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats per worker count")
+    ap.add_argument("--repeat", type=int, default=7, help="interleaved (raw, tool) pairs per worker count")
     args = ap.parse_args()
 
     with warnings.catch_warnings():
@@ -72,16 +93,22 @@ def main() -> None:
         from megatron_qwen.tokenizer import load_tokenizer
         import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not the job)
 
-    texts = corpus(int(args.mb * 1e6))
+    texts = _TEXTS = corpus(int(args.mb * 1e6))
     nbytes = sum(len(t.encode()) for t in texts)
-    tok = load_tokenizer()
-    enc = tok._encoding  # raw tiktoken Encoding: the ceiling
+    _ENC = load_tokenizer()._encoding  # tiktoken's own Encoding for the Qwen vocabulary
     print(f"corpus: {len(texts):,} documents, {nbytes / 1e6:.1f} MB of real text; cores: {os.cpu_count()}")
 
-    def raw():
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        n = sum(len(enc.encode_ordinary(t)) for t in texts)
-        return time.perf_counter() - t0, cpu_seconds() - c0, n
+    def raw(n_procs):
+        """(wall s, CPU s, tokens) of raw tiktoken on n_procs processes."""
+        if n_procs == 1:
+            t0, c0 = time.perf_counter(), time.process_time()
+            n, _ = _encode_share((0, len(texts)))
+            return time.perf_counter() - t0, time.process_time() - c0, n
+        bounds = [len(texts) * i // n_procs for i in range(n_procs + 1)]
+        t0 = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(n_procs) as pool:
+            done = pool.map(_encode_share, list(zip(bounds, bounds[1:])))
+        return time.perf_counter() - t0, sum(c for _, c in done), sum(n for n, _ in done)
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "corpus.jsonl"
@@ -97,39 +124,34 @@ def main() -> None:
             build_indexed_dataset(cfg, job, summary)
             return time.perf_counter() - t0, cpu_seconds() - c0, summary.counters["tokens"] - len(texts)
 
-        # interleaved repeats: each tool run is compared with the raw run just before it, so a
-        # change in machine load between runs does not turn into a ratio
-        rows = {w: [] for w in args.workers}
-        raws = []
+        pairs = {w: [] for w in args.workers}
         for _ in range(args.repeat):
             for w in args.workers:
-                base = raw()
-                run = tool(w)
+                base, run = raw(w), tool(w)
                 assert abs(run[2] - base[2]) <= base[2] // 1000, (run[2], base[2])  # NFC may differ
-                raws.append(base)
-                rows[w].append((base, run))
+                pairs[w].append((base, run))
 
-    # best of the interleaved runs: on a shared machine the fastest run is the one least
-    # disturbed by other work, for the raw encoder and the tool alike
-    raw_s = min(r[0] for r in raws)
-    raw_cpu = min(r[1] for r in raws)
-    raw_tokens = raws[0][2]
-    print(f"raw tiktoken encode_ordinary, 1 thread: {raw_tokens / raw_s:11,.0f} tokens/s  "
-          f"{raw_tokens / raw_cpu:11,.0f} tokens/CPU-s  ({nbytes / raw_s / 1e6:.2f} MB/s)   best of {len(raws)}")
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
+
+    tokens = pairs[args.workers[0]][0][0][2]
     walls = {}
-    for w, pairs in rows.items():
-        dt = min(run[0] for _, run in pairs)
-        cpu = min(run[1] for _, run in pairs)
-        tokens = pairs[0][1][2]
-        walls[w] = tokens / dt
-        print(f"preprocess_data.py --workers {w}:      {tokens / dt:11,.0f} tokens/s  {tokens / cpu:11,.0f} tokens/CPU-s  "
-              f"({nbytes / dt / 1e6:.2f} MB/s, {len(texts) / dt:,.0f} docs/s)   best of {len(pairs)}")
-        print(f"    ratio to raw: wall {tokens / dt / (raw_tokens / raw_s):.2f}, "
-              f"per CPU-second (the per-worker figure) {tokens / cpu / (raw_tokens / raw_cpu):.2f}")
+    print(f"{'setting':32s} {'tokens/s':>12s} {'tokens/CPU-s':>13s}  (median of {args.repeat})")
+    for w, runs in pairs.items():
+        for name, k in ((f"raw tiktoken x {w}", 0), (f"preprocess_data.py --workers {w}", 1)):
+            print(f"{name:32s} {median([tokens / r[k][0] for r in runs]):12,.0f} "
+                  f"{median([tokens / r[k][1] for r in runs]):13,.0f}")
+        wall = [base[0] / run[0] for base, run in runs]
+        cpu = [base[1] / run[1] for base, run in runs]
+        walls[w] = median([tokens / run[0] for _, run in runs])
+        print(f"    per worker, --workers {w} / raw x {w}: wall {median(wall):.2f} "
+              f"(pairs {min(wall):.2f}-{max(wall):.2f}), per CPU-second {median(cpu):.2f} "
+              f"(pairs {min(cpu):.2f}-{max(cpu):.2f})")
     if 1 in walls:
         for w in walls:
             if w > 1:
-                print(f"scaling --workers {w} vs 1 (wall): {walls[w] / walls[1]:.2f}x")
+                print(f"scaling --workers {w} vs 1 (wall, medians): {walls[w] / walls[1]:.2f}x")
     sys.stdout.flush()
 
 

@@ -16,7 +16,7 @@ DATA = REPO / "tests" / "data" / "multilingual.jsonl"
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 
 def preprocess(*argv):
@@ -48,6 +48,24 @@ def test_indexed_dataset_holds_the_tokenizer_ids_plus_eod(single):
         assert list(ds.document_indices) == list(range(len(docs) + 1))
         for i, doc in enumerate(docs):
             assert ds[i].tolist() == tok.encode(doc[key]) + [tok.eod_id], (key, doc["id"])
+
+
+
+def test_files_equal_megatron_cores_builder_one_document_at_a_time(single, tmp_path):
+    # the tool writes a chunk at a time; the bytes must be what add_document per document gives
+    tok = load_tokenizer()
+    ref = str(tmp_path / "ref")
+    builder = IndexedDatasetBuilder(f"{ref}.bin", dtype=np.int32)
+    for doc in records():
+        builder.add_document(np.array(tok.encode(doc["text"]) + [tok.eod_id]), [len(tok.encode(doc["text"])) + 1])
+    builder.finalize(f"{ref}.idx")
+    for ext in (".bin", ".idx"):
+        assert Path(f"{single}_text_document{ext}").read_bytes() == Path(ref + ext).read_bytes(), ext
+
+
+def test_special_token_strings_are_text(single):
+    tok = load_tokenizer()
+    docs = records()
     # the literal "<|endoftext|>" in a document is text, not the EOD id
     ds = IndexedDataset(f"{single}_text_document")
     special = next(i for i, d in enumerate(docs) if d["id"] == "special-0")
@@ -83,6 +101,12 @@ def test_workers_and_ray_give_identical_files(single, tmp_path):
     finally:
         ray.shutdown()
     assert not list(tmp_path.glob("strict*"))
+    # --strict on local workers too, after the shards of earlier chunks were written: no output,
+    # no shard directory left behind
+    with pytest.raises(CorpusError, match=rf"^{bad}:"):
+        preprocess("--input", bad, "--output-prefix", tmp_path / "strict2", "--workers", 2,
+                   "--chunk-bytes", 5000, "--strict")
+    assert not list(tmp_path.glob("strict2*")) and not list(tmp_path.glob("*.shards"))
     files = {name: [(tmp_path / f"{name}_text_document{ext}").read_bytes() for ext in (".bin", ".idx")]
              for name in runs}
     assert files["w1"] == files["w2"] == files["ray"]

@@ -2,6 +2,7 @@
 
 import unicodedata
 
+import numpy as np
 import pytest
 from dashscope.tokenizers.qwen_tokenizer import QwenTokenizer as ReferenceTokenizer
 
@@ -81,6 +82,23 @@ def test_megabyte_whitespace_run_does_not_overflow(tok):
     assert tok.decode(ids) == text
     run = tok._encoding._encode_single_piece(b" " * 999_999)  # pieces: 'x', 999,999 spaces, ' y', ...
     assert ids == tok.encode("x") + run + tok.encode(" y\nend")
+
+
+def test_encode_array_equals_encode_and_dashscope(tok, ref):
+    # the bulk path of preprocess_data.py: short and chunked texts, a whitespace run that only
+    # the piece-by-piece path survives, decomposed (NFD) text and a lone surrogate
+    body = MULTILINGUAL.replace("<|", "< |")
+    texts = MULTILINGUAL.splitlines() + [
+        "", MULTILINGUAL, body * 40, "x" + " " * 200_000 + "y\nend",
+        unicodedata.normalize("NFD", "Crème brûlée, São Paulo, 한국어"), "bad \ud800 surrogate",
+    ]
+    for text in texts:
+        array = tok.encode_array(text)
+        assert array.dtype == np.int32
+        assert array.tolist() == tok.encode(text), text[:40]
+    for text in texts[:-1]:  # dashscope rejects the lone surrogate outright
+        if len(text) < 100_000:
+            assert tok.encode_array(text).tolist() == ref.encode(text, allowed_special=set(), disallowed_special=())
 
 
 def test_vocabulary_sources(tmp_path, tok):

@@ -1,9 +1,13 @@
 """JSONL to a megatron-core indexed dataset (``{prefix}_{key}_document.bin/.idx``).
 
 Workers tokenize (the tokenizer is loaded once per process from its path, so the job pickles
-small); the driver appends each document, in input order, with megatron-core's own
-``IndexedDatasetBuilder``, so ``IndexedDataset`` reads the files back exactly as Megatron-LM's
-``preprocess_data.py`` would have written them. One document is one sequence; with
+small) into one token array per chunk; the driver appends each chunk, in input order, with
+megatron-core's own ``IndexedDatasetBuilder`` (one write per chunk instead of one per document,
+the same index), so ``IndexedDataset`` reads the files back exactly as Megatron-LM's
+``preprocess_data.py`` would have written them. Local worker processes write their token arrays
+to shard files beside the output and send back only the lengths; the driver splices the shards
+in with an in-kernel copy, so on a small machine it does not take CPU from the workers. (Ray
+tasks may run on other machines: their arrays travel through the object store.) One document is one sequence; with
 ``append_eod`` it ends with ``<|endoftext|>``. Token ids are int32 (the Qwen vocabulary does not
 fit uint16). Each key's documents are written in the same order, so they align across keys; a
 record missing any key is skipped (and counted) for all keys.
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import unicodedata
+import itertools
+import os
+import shutil
 import warnings
 from typing import Optional
 
@@ -21,7 +27,6 @@ import numpy as np
 
 from megatron_qwen.config import ConfigError
 from megatron_qwen.tokenizer import load_tokenizer
-from megatron_qwen.tokenizer.qwen import MAX_CHUNK_CHARS
 from megatron_qwen.data.corpus.jsonl import ReadOptions
 from megatron_qwen.data.corpus.runner import JobConfig, Summary, atomic_paths, map_chunks
 
@@ -49,27 +54,16 @@ def output_paths(prefix: str, key: str) -> tuple:
     return f"{base}.bin", f"{base}.idx"
 
 
-def encode_array(tok, text: str) -> np.ndarray:
-    """``tok.encode(text)`` as an int32 array, without a Python list in between when possible.
-
-    For texts the tokenizer sends straight to tiktoken (NFC, at most MAX_CHUNK_CHARS), tiktoken's
-    ``encode_to_numpy`` returns the same ids as a buffer: no list of Python ints to build and
-    convert, which is ~15% of the encoding cost. Longer texts take the tokenizer's own path.
-    tests/test_corpus_preprocess.py checks the ids equal ``tok.encode`` document by document.
-    """
-    if len(text) <= MAX_CHUNK_CHARS:
-        ids = tok._encoding.encode_to_numpy(unicodedata.normalize("NFC", text), disallowed_special=())
-        return ids.view(np.int32)
-    return np.asarray(tok.encode(text), dtype=np.int32)
-
-
 class Encoder:
     """Worker side: the documents of a chunk as, per key, (all token ids, per-document lengths)."""
 
-    def __init__(self, json_keys: list, append_eod: bool, tokenizer_path: Optional[str]):
+    def __init__(self, json_keys: list, append_eod: bool, tokenizer_path: Optional[str],
+                 shard_dir: Optional[str] = None):
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
         self.tokenizer_path = tokenizer_path
+        self.shard_dir = shard_dir  # set: write the ids there and return the file's path instead
+        self._shards = itertools.count()
 
     def __call__(self, docs: list) -> dict:
         tok = load_tokenizer(self.tokenizer_path)  # cached per process
@@ -78,29 +72,88 @@ class Encoder:
         for key in self.json_keys:
             parts, lengths = [], []
             for doc in docs:
-                ids = encode_array(tok, doc.record[key])
+                ids = tok.encode_array(doc.record[key])
                 parts.append(ids)
                 if self.append_eod:
                     parts.append(eod)
                 lengths.append(ids.size + self.append_eod)
             ids = np.concatenate(parts) if parts else np.empty(0, np.int32)
+            if self.shard_dir is not None:
+                path = os.path.join(self.shard_dir, f"{os.getpid()}-{next(self._shards)}-{key}.bin")
+                ids.tofile(path)
+                ids = path
             out[key] = (ids, np.asarray(lengths, dtype=np.int64))
         return out
+
+
+def _chunk_builder_class():
+    """megatron-core's IndexedDatasetBuilder plus ``add_documents``: a chunk in one write."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    class ChunkBuilder(IndexedDatasetBuilder):
+        def add_documents(self, ids, lengths: np.ndarray) -> None:
+            """Many one-sequence documents at once; the same index as ``add_document`` each.
+
+            ``ids``: the tokens, or the path of a shard file holding them (moved in, then deleted).
+            """
+            if isinstance(ids, str):
+                _splice(ids, self.data_file)
+            else:
+                self.data_file.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)))
+            first = len(self.sequence_lengths)
+            self.sequence_lengths.extend(lengths.tolist())
+            self.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+
+    return ChunkBuilder
+
+
+def _splice(path: str, out) -> None:
+    """Append the file at ``path`` to the open binary file ``out``, then delete it."""
+    out.flush()
+    with open(path, "rb") as src:
+        left = os.fstat(src.fileno()).st_size
+        try:
+            while left > 0:  # in the kernel: no copy through this process
+                n = os.copy_file_range(src.fileno(), out.fileno(), left)
+                if n == 0:
+                    raise OSError("copy_file_range copied nothing")
+                left -= n
+        except (AttributeError, OSError):  # not Linux, or a file system without it
+            src.seek(os.fstat(src.fileno()).st_size - left)
+            out.seek(0, os.SEEK_END)
+            shutil.copyfileobj(src, out)
+    out.seek(0, os.SEEK_END)
+    os.unlink(path)
+
+
+@contextlib.contextmanager
+def _shard_dir(beside: str, job: JobConfig):
+    """A scratch directory next to the output (same file system) for local workers, else None."""
+    if job.workers < 2 or job.ray:
+        yield None
+        return
+    path = f"{beside}.shards"
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def build_indexed_dataset(cfg: PreprocessConfig, job: JobConfig, summary: Summary) -> dict:
     """Run the job; returns {key: prefix of the written dataset}."""
     with warnings.catch_warnings():  # megatron-core warns about optional GPU libraries on import
         warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+        from megatron.core.datasets.indexed_dataset import DType
+        builder_class = _chunk_builder_class()
 
     tok = load_tokenizer(cfg.tokenizer_path)
     dtype = DType.optimal_dtype(tok.vocab_size)
     read = ReadOptions(required_keys=tuple(cfg.json_keys))
-    encoder = Encoder(cfg.json_keys, cfg.append_eod, cfg.tokenizer_path)
     finals = [p for key in cfg.json_keys for p in output_paths(cfg.output_prefix, key)]
-    with atomic_paths(*finals) as tmps:
-        builders = {key: IndexedDatasetBuilder(tmps[2 * i], dtype=dtype)
+    with atomic_paths(*finals) as tmps, _shard_dir(tmps[0], job) as shards:
+        encoder = Encoder(cfg.json_keys, cfg.append_eod, cfg.tokenizer_path, shards)
+        builders = {key: builder_class(tmps[2 * i], dtype=dtype)
                     for i, key in enumerate(cfg.json_keys)}
         with contextlib.ExitStack() as stack:
             for b in builders.values():
@@ -108,11 +161,8 @@ def build_indexed_dataset(cfg: PreprocessConfig, job: JobConfig, summary: Summar
             for result in map_chunks(encoder, job, read, summary):
                 tokens = 0
                 for key, (ids, lengths) in result.items():
-                    builder, start = builders[key], 0
-                    for n in lengths.tolist():
-                        builder.add_document(ids[start : start + n], [n])
-                        start += n
-                    tokens += start
+                    builders[key].add_documents(ids, lengths)
+                    tokens += int(lengths.sum())
                 summary.tick(tokens=tokens)
             summary.kept = summary.docs
             for i, key in enumerate(cfg.json_keys):
