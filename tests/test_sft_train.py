@@ -97,6 +97,18 @@ def test_reported_loss_is_the_mean_over_assistant_tokens_only(runs):
     assert abs(all_mean - assistant_mean) > 50 * abs(result["mask_loss"] - assistant_mean)
 
 
+def test_per_token_loss_does_not_depend_on_the_micro_batch_split(runs):
+    # --calculate-per-token-loss: the global batch's assistant-token mean, so micro-batches of one
+    # sample give the loss and the update of one micro-batch holding everything
+    _, result, _, _ = runs
+    whole, per_token, means = result["one_micro_batch"], result["per_token"], result["mean_of_means"]
+    assert whole[0] == pytest.approx(result["mask_loss"], rel=MASK_TOL)
+    assert per_token == pytest.approx(whole, rel=MASK_TOL)
+    # without it, tokens of a micro-batch with few assistant tokens weigh more: a different step
+    # (the random base model's per-token losses are all ~8.5, so iteration 1's losses hardly differ)
+    assert abs(means[1] - whole[1]) > 100 * abs(per_token[1] - whole[1])
+
+
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_parallel_sft_matches_single_process(runs, layout):
     out, _, _, _ = runs

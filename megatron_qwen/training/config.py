@@ -149,6 +149,10 @@ class TrainConfig:
     seed: int = 1234
     max_skipped_iters_in_a_row: int = 10  # NaN/Inf loss or grad norm: skip, stop after this many
     exit_interval: Optional[int] = None  # stop (after saving) at an iteration multiple of this
+    # every loss token weighs the same across micro-batches and data-parallel ranks (sum / count
+    # of the global batch), instead of a mean of per-micro-batch means; what SFT's masked loss
+    # wants, where micro-batches hold different numbers of assistant tokens (Megatron-LM's flag)
+    calculate_per_token_loss: bool = False
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters",

@@ -123,6 +123,8 @@ def build_wrapped_model(cfg, use_bf16: bool):
                          params_dtype=torch.bfloat16 if use_bf16 else torch.float32)
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    for c in chunks:  # read by DDP (gradient scaling) and the schedule: set before wrapping
+        c.config.calculate_per_token_loss = cfg.train.calculate_per_token_loss
     if use_bf16:
         chunks = [Float16Module(c.config, c) for c in chunks]
     p = cfg.parallel
@@ -170,12 +172,16 @@ def _hook_schedule(model, optimizer, cfg) -> None:
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Token mean of the per-token losses under the mask (all ones for pretraining)."""
+    """(sum of the per-token losses under the mask, number of those tokens, report).
+
+    megatron-core's three-value form: without ``calculate_per_token_loss`` the schedule divides
+    the sum by the count and the number of micro-batches (a mean of micro-batch means); with it,
+    the gradients are divided once by the global batch's token count (all-reduced over DP)."""
     mask = loss_mask.reshape(-1).float()
     losses = output_tensor.float().reshape(-1)
-    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
-    # a copy: the schedule divides the returned loss in place by the number of micro-batches
-    return loss, {"lm loss": loss.detach().clone()}
+    total = torch.sum(losses * mask)
+    count = mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
 
 
 def _forward_step(data_iterator, model):
@@ -189,15 +195,20 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, batch["loss_mask"].to(dev, non_blocking=True))
 
 
-def _mean_loss(losses: list) -> Optional[float]:
-    """Mean over this rank's micro-batches, averaged over data-parallel ranks (last stage only)."""
+def _mean_loss(losses: list, per_token: bool) -> Optional[float]:
+    """The loss the step optimised (last stage only): the global batch's token mean with
+    ``per_token``, else the mean of the micro-batch means over all data-parallel ranks."""
     from megatron.core import parallel_state as ps
 
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    local = torch.stack([d["lm loss"].float() for d in losses]).mean().reshape(1)
+    sums = torch.stack([d["lm loss"].float() for d in losses])  # [micro-batches, (sum, count)]
+    if per_token:
+        local = sums.sum(dim=0)
+    else:
+        local = torch.stack([(sums[:, 0] / sums[:, 1].clamp(min=1.0)).sum(), torch.tensor(float(len(sums)))])
     torch.distributed.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
-    return local.item() / ps.get_data_parallel_world_size(with_context_parallel=True)
+    return (local[0] / local[1].clamp(min=1.0)).item()
 
 
 def _all_ranks_max(x: float) -> float:
@@ -252,7 +263,7 @@ class Trainer:
             forward_step_func=_forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.num_micro, seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
-        loss = _mean_loss(losses)
+        loss = _mean_loss(losses, self.cfg.train.calculate_per_token_loss)
         bad_loss = _all_ranks_max(0.0 if loss is None or math.isfinite(loss) else 1.0)
         iteration = self.iteration + 1
         # the LR of iteration i is the schedule at i (warm-up starts above zero)
@@ -292,7 +303,7 @@ class Trainer:
                 forward_step_func=_forward_step, data_iterator=it, model=self.model,
                 num_microbatches=self.num_micro, seq_length=self.cfg.model.seq_length,
                 micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
-            loss = _mean_loss(losses)
+            loss = _mean_loss(losses, self.cfg.train.calculate_per_token_loss)
             if loss is not None:
                 total, count = total + loss, count + 1
         for m in self.model:

@@ -3,6 +3,8 @@
 argv: OUT_DIR ITERS EVERY. OUT_DIR holds (from the test) small.tiktoken, train.jsonl, heldout.jsonl and
 base/ (the 'pretrained' model as a megatron-core checkpoint, converted from base_hf/). Runs:
   mask   1 iteration, the whole training set as one micro-batch: the loss the trainer reports
+  per-token  2 iterations of the whole set as one micro-batch, then as micro-batches of one sample
+         with and without --calculate-per-token-loss (the step must not depend on the split)
   learn  ITERS iterations from the base (fresh optimizer), saved to sft_ckpt/ every EVERY
 then greedy answers to the training prompts from sft_ckpt/ with megatron_qwen.inference, and
 again with transformers after tools/convert_checkpoint.py mcore-to-hf, which also exports each
@@ -30,7 +32,8 @@ def sft_flags(out: Path, tokenizer_vocab: int) -> list:
         "--tokenizer-path", str(out / "small.tiktoken"), "--split", "100,0,0", "--num-workers", "0",
         "--pretrained-checkpoint", str(out / "base"), "--no-exit-signal-handler", "--log-interval", "1",
         "--lr", "3e-3", "--min-lr", "3e-3", "--lr-decay-style", "constant", "--lr-warmup-iters", "3",
-        "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "7", "--tensorboard-dir", "none"]
+        "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "7", "--tensorboard-dir", "none",
+        "--calculate-per-token-loss"]
 
 
 def greedy_megatron(ckpt: Path, prompts: list, tok) -> list:
@@ -71,6 +74,15 @@ def main():
                                                "--global-batch-size", str(samples)])
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     result["mask_loss"] = train(cfg)[0]["lm_loss"]
+
+    # per-token: the same global batch split into micro-batches of one packed sample, whose
+    # assistant-token counts differ; iteration 2's loss shows iteration 1's update
+    for name, split in {"one_micro_batch": ["--micro-batch-size", str(samples)],
+                        "per_token": ["--micro-batch-size", "1"],
+                        "mean_of_means": ["--micro-batch-size", "1", "--no-calculate-per-token-loss"]}.items():
+        cfg = load_config(PretrainConfig, flags + ["--train-iters", "2", "--global-batch-size", str(samples)] + split)
+        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        result[name] = [row["lm_loss"] for row in train(cfg)]
 
     # learn: micro-batches of one packed sample (several conversations each)
     cfg = load_config(PretrainConfig, flags + [
