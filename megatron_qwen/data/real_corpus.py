@@ -56,6 +56,29 @@ def python_docstrings() -> Iterator[dict]:
             yield {"id": f"docstring:{modname}", "lang": "en", "source": "python-docstrings", "text": text}
 
 
+def python_sources(max_bytes: int | None = None) -> Iterator[dict]:
+    """CPython's standard-library source files, one document each, in path order: Python code
+    with English comments and docstrings, tens of MB, many files thousands of tokens long."""
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if rel.parts[0] in ("site-packages", "dist-packages"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
+            continue
+        yield {"id": f"stdlib:{rel}", "lang": "code", "source": "python-stdlib", "text": text}
+        total += len(text)
+        if max_bytes is not None and total >= max_bytes:
+            return
+
+
 def python_module_html(limit: int = 20) -> Iterator[dict]:
     """Real HTML pages: pydoc's HTML rendering of standard-library modules (for text extraction)."""
     import pydoc

@@ -64,9 +64,15 @@ class Encoder:
         self.tokenizer_path = tokenizer_path
         self.shard_dir = shard_dir  # set: write the ids there and return the file's path instead
         self._shards = itertools.count()
+        self._tok = None  # loaded on first use in each process (finding the file costs stat calls)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tok": None}
 
     def __call__(self, docs: list) -> dict:
-        tok = load_tokenizer(self.tokenizer_path)  # cached per process
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer_path)
+        tok = self._tok
         eod = np.array([tok.eod_id], dtype=np.int32)
         out = {}
         for key in self.json_keys:
@@ -149,7 +155,7 @@ def build_indexed_dataset(cfg: PreprocessConfig, job: JobConfig, summary: Summar
 
     tok = load_tokenizer(cfg.tokenizer_path)
     dtype = DType.optimal_dtype(tok.vocab_size)
-    read = ReadOptions(required_keys=tuple(cfg.json_keys))
+    read = ReadOptions(required_keys=tuple(cfg.json_keys), fast_json=True)  # records are not written back
     finals = [p for key in cfg.json_keys for p in output_paths(cfg.output_prefix, key)]
     with atomic_paths(*finals) as tmps, _shard_dir(tmps[0], job) as shards:
         encoder = Encoder(cfg.json_keys, cfg.append_eod, cfg.tokenizer_path, shards)
