@@ -2,15 +2,16 @@
 """Table 3 in small: train a tiny Qwen on CPU at a short context, then measure perplexity at 1x,
 2x, 4x and 8x that context with plain RoPE, + dynamic NTK, + LogN, + layer-wise windows.
 
-    python bench/long_context_table.py --steps 300 --seq-length 64 --out /tmp/lc_bench
+    python bench/long_context_table.py --out /tmp/lc_bench        # the recorded run: ~20 min on 2 cores
 
-Corpus: CPython's documentation and docstrings (real English, shipped with Python), tokenized
-with the Qwen tokenizer and remapped to its 2,047 most frequent ids (+1 for the rest) so a
-4-layer model trains in minutes on 2 cores. The long documents are split 90/10 into train and
-held-out; perplexity is on the first L + 1 tokens of held-out documents with at least that many.
-The trained model is saved as a megatron-core torch_dist checkpoint with the held-out documents
-as an indexed dataset, and the table is computed by the same code as tools/eval_ppl.py
-(the exact command is printed). The peer is transformers' Qwen2ForCausalLM on the same weights
+Corpus (``--corpus sources``): CPython's standard-library source files (~30 MB of real code with
+English comments, shipped with Python), tokenized with the Qwen tokenizer and remapped to its
+2,047 most frequent ids (+1 for the rest) so a 4-layer model trains in minutes on 2 cores. The
+files at least 8L + 1 tokens long are split 90/10 into train and held-out; perplexity is on the
+first L + 1 tokens of each held-out file. The trained model is saved as a megatron-core
+torch_dist checkpoint with the held-out files as an indexed dataset, and the table is computed
+by the same code as tools/eval_ppl.py (the exact command is printed); it is also written to
+OUT/table.json. The peer is transformers' Qwen2ForCausalLM on the same weights
 and samples: plain RoPE must match ours, and its own ``rope_scaling={"type": "dynamic"}`` (a
 different NTK formula, see docs/long_context.md) is printed beside ours.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import math
 import sys
 import time
@@ -32,17 +34,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_qwen.config import ModelConfig, ParallelConfig  # noqa: E402
 
 
-def corpus(vocab: int, min_len: int, holdout_every: int = 10):
-    """(train stream, held-out docs) as remapped ids; the 0 id stands for every rarer token."""
-    from megatron_qwen.data.real_corpus import python_doc_topics, python_docstrings
+CORPORA = ("sources", "docs")
+
+
+def corpus(name: str, vocab: int, min_len: int, max_mb: float, holdout_every: int = 10):
+    """(train stream, held-out docs) as remapped ids; the 0 id stands for every rarer token.
+
+    ``sources``: CPython's standard-library source files (~30 MB of code with English comments,
+    many files longer than 8x the training length); ``docs``: its documentation and docstrings
+    (~1 MB: too little for more than a few hundred steps)."""
+    from megatron_qwen.data.real_corpus import python_doc_topics, python_docstrings, python_sources
     from megatron_qwen.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
-    texts = [d["text"] for d in list(python_doc_topics()) + list(python_docstrings())]
-    ids = tok.encode_batch(texts)
+    if name == "sources":
+        records = list(python_sources(int(max_mb * 1e6)))
+    else:
+        records = list(python_doc_topics()) + list(python_docstrings())
+    ids = tok.encode_batch([d["text"] for d in records])
     counts = collections.Counter(t for doc in ids for t in doc)
-    remap = {t: i + 1 for i, (t, _) in enumerate(counts.most_common(vocab - 1))}
-    docs = [np.array([remap.get(t, 0) for t in doc], dtype=np.int64) for doc in ids]
+    remap = np.zeros(tok.vocab_size, dtype=np.int64)  # rarer tokens -> 0
+    for i, (t, _) in enumerate(counts.most_common(vocab - 1)):
+        remap[t] = i + 1
+    docs = [remap[np.asarray(doc, dtype=np.int64)] for doc in ids]
     long_docs = [i for i, d in enumerate(docs) if len(d) >= min_len]
     held = set(long_docs[::holdout_every])
     train = np.concatenate([d for i, d in enumerate(docs) if i not in held])
@@ -74,6 +88,7 @@ def train_model(cfg: ModelConfig, stream: np.ndarray, steps: int, batch: int, lr
         sched.step()
         if step % 50 == 0 or step == steps:
             log(f"step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+    model.final_loss = loss.item()
     return model.eval()
 
 
@@ -138,15 +153,18 @@ def main() -> None:
     from megatron_qwen.runtime import destroy, init_distributed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seq-length", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--corpus", choices=CORPORA, default="sources")
+    p.add_argument("--corpus-mb", type=float, default=32.0, help="at most this much source text")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--window-rules", default="linear:16:64,uniform:64",
+    p.add_argument("--num-heads", type=int, default=2)
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--window-rules", default="linear:32:128,uniform:128",
                    help="comma-separated rules; one table row each (window rows add NTK + LogN)")
     p.add_argument("--out", default="/tmp/long_context_bench")
     args = p.parse_args()
@@ -156,16 +174,17 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     L = args.seq_length
     lengths = [L, 2 * L, 4 * L, 8 * L]
-    cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=4,
+    cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_heads,
                       ffn_hidden_size=(8 * args.hidden_size // 3 + 7) // 8 * 8,
                       vocab_size=args.vocab, seq_length=L, max_position_embeddings=16 * L)
     cfg.padded_vocab_size = cfg.vocab_size_padded(1)
-    train, held = corpus(args.vocab, 8 * L + 1)
+    train, held = corpus(args.corpus, args.vocab, 8 * L + 1, args.corpus_mb)
     log(f"corpus: {len(train)} training tokens, {len(held)} held-out documents of >= {8 * L + 1} tokens")
     init_distributed(ParallelConfig(), seed=0)
     t0 = time.perf_counter()
     model = train_model(cfg, train, args.steps, args.batch, args.lr, log)
     train_s = time.perf_counter() - t0
+    final_loss = model.final_loss
     ckpt, prefix = save(model, cfg, held, out)
     destroy()
 
@@ -190,6 +209,9 @@ def main() -> None:
     table.update(peer)
     print()
     print(format_table(table, lengths, title=f"tiny Qwen (trained at {L})"))
+    (out / "table.json").write_text(json.dumps({"train_length": L, "final_loss": final_loss,
+                                                "rows": {k: {str(n): v for n, v in row.items()}
+                                                         for k, row in table.items()}}, indent=1))
     ratio = peer["transformers plain"][L] / ours_plain[L]
     print(f"\nplain RoPE at the training length: transformers / ours = {ratio:.6f}")
     print(f"training {args.steps} steps: {train_s:.0f} s; evaluation: {eval_s:.0f} s")
