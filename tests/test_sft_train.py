@@ -101,9 +101,11 @@ def test_per_token_loss_does_not_depend_on_the_micro_batch_split(runs):
     # --calculate-per-token-loss: the global batch's assistant-token mean, so micro-batches of one
     # sample give the loss and the update of one micro-batch holding everything
     _, result, _, _ = runs
-    whole, per_token, means = result["one_micro_batch"], result["per_token"], result["mean_of_means"]
+    whole, per_token, means = (result[k]["loss"] for k in ("one_micro_batch", "per_token", "mean_of_means"))
     assert whole[0] == pytest.approx(result["mask_loss"], rel=MASK_TOL)
     assert per_token == pytest.approx(whole, rel=MASK_TOL)
+    # the gradient itself, not only its direction (Adam would hide a wrong overall scale)
+    assert result["per_token"]["grad_norm"] == pytest.approx(result["one_micro_batch"]["grad_norm"], rel=MASK_TOL)
     # without it, tokens of a micro-batch with few assistant tokens weigh more: a different step
     # (the random base model's per-token losses are all ~8.5, so iteration 1's losses hardly differ)
     assert abs(means[1] - whole[1]) > 100 * abs(per_token[1] - whole[1])

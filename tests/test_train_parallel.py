@@ -54,6 +54,17 @@ def test_parallel_loss_curve_matches_single_process(runs, layout):
     _close(ref, other, layout)
 
 
+def test_per_token_loss_on_two_data_parallel_ranks_matches_single_process(runs):
+    # every pretraining token is a target, so the global token mean is the single-process loss;
+    # the grad norm catches a wrong overall gradient scale, which Adam's steps would hide
+    out, _, _ = runs
+    ref, other = read_metrics(out / "ref.jsonl"), read_metrics(out / "dp2pertoken.jsonl")
+    assert [r["iteration"] for r in other] == list(range(1, 21))
+    for a, b in zip(ref, other):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=TOL), a["iteration"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["iteration"]
+
+
 def test_resume_is_bitwise_identical_to_uninterrupted_run(runs):
     out, log, _ = runs
     assert "exiting at iteration 10 (--exit-interval 10) after saving" in log

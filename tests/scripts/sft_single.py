@@ -82,7 +82,8 @@ def main():
                         "mean_of_means": ["--micro-batch-size", "1", "--no-calculate-per-token-loss"]}.items():
         cfg = load_config(PretrainConfig, flags + ["--train-iters", "2", "--global-batch-size", str(samples)] + split)
         init_distributed(cfg.parallel, seed=cfg.train.seed)
-        result[name] = [row["lm_loss"] for row in train(cfg)]
+        rows = train(cfg)
+        result[name] = {"loss": [r["lm_loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
 
     # learn: micro-batches of one packed sample (several conversations each)
     cfg = load_config(PretrainConfig, flags + [

@@ -27,6 +27,8 @@ def main():
         "tp2": ["--tensor-model-parallel-size", "2"],
         "pp2": ["--pipeline-model-parallel-size", "2"],
         "dp2": ["--use-distributed-optimizer"],
+        # per-token loss: DDP sums the gradients and megatron-core divides by the global token count
+        "dp2pertoken": ["--use-distributed-optimizer", "--calculate-per-token-loss"],
         "pp2vpp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
         "dp2overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
                        "--save", f"{out}/overlap_ckpt"],

@@ -114,6 +114,12 @@ class Summary:
             self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=tool, file=sys.stderr,
                              dynamic_ncols=True, mininterval=0.5)
 
+    def restart(self) -> None:
+        """Start the clocks (ours and the bar's) now: the job begins after the tool's imports."""
+        self.start = time.perf_counter()
+        if self._bar is not None:
+            self._bar.reset(total=self._bar.total)
+
     def tick(self, docs: int = 0, nbytes: int = 0, **counters: int) -> None:
         self.docs += docs
         self.bytes += nbytes
@@ -253,7 +259,7 @@ def map_chunks(fn: Callable[[list], Any], job: JobConfig, read: ReadOptions, sum
     """``fn(docs)`` for every chunk of ``job.input``, in input order (see the module docstring)."""
     read = dataclasses.replace(read, max_doc_bytes=job.max_doc_bytes, strict=job.strict)
     chunks = iter_chunks(job.input, job.chunk_bytes, job.max_doc_bytes, summary.skips, job.strict)
-    summary.start = time.perf_counter()  # rates measure the job, not the tool's imports
+    summary.restart()  # rates measure the job, not the tool's imports
     if job.ray:
         results = _ray_map(fn, read, chunks, job)
     elif job.workers > 1:
