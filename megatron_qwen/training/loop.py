@@ -206,7 +206,7 @@ def _mean_loss(losses: list, per_token: bool) -> Optional[float]:
     if per_token:
         local = sums.sum(dim=0)
     else:
-        local = torch.stack([(sums[:, 0] / sums[:, 1].clamp(min=1.0)).sum(), torch.tensor(float(len(sums)))])
+        local = torch.stack([(sums[:, 0] / sums[:, 1].clamp(min=1.0)).sum(), sums.new_tensor(float(len(sums)))])
     torch.distributed.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
     return (local[0] / local[1].clamp(min=1.0)).item()
 

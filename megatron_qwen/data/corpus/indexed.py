@@ -6,11 +6,12 @@ megatron-core's own ``IndexedDatasetBuilder`` (one write per chunk instead of on
 the same index), so ``IndexedDataset`` reads the files back exactly as Megatron-LM's
 ``preprocess_data.py`` would have written them. Local worker processes write their token arrays
 to shard files beside the output and send back only the lengths; the driver splices the shards
-in with an in-kernel copy, so on a small machine it does not take CPU from the workers. (Ray
-tasks may run on other machines: their arrays travel through the object store.) One document is one sequence; with
-``append_eod`` it ends with ``<|endoftext|>``. Token ids are int32 (the Qwen vocabulary does not
-fit uint16). Each key's documents are written in the same order, so they align across keys; a
-record missing any key is skipped (and counted) for all keys.
+in with an in-kernel copy, so on a small machine it does not take CPU from the workers (Ray
+tasks may run on other machines: their arrays travel through the object store).
+
+One document is one sequence; with ``append_eod`` it ends with ``<|endoftext|>``. Token ids are
+int32 (the Qwen vocabulary does not fit uint16). Each key's documents are written in the same
+order, so they align across keys; a record missing any key is skipped (and counted) for all keys.
 """
 
 from __future__ import annotations
