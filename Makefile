@@ -24,7 +24,7 @@ $(STAMP): setup.py requirements-cpu.txt
 venv: $(STAMP)
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu $(PY) -m pytest tests -q -p no:cacheprovider --durations=15
+	DS_ACCELERATOR=cpu $(PY) -m pytest tests -q -rs -p no:cacheprovider --durations=15
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) examples/demo.py

