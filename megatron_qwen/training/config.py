@@ -120,6 +120,8 @@ class CheckpointConfig:
 
         root = Path(self.save)
         probe = root / f".write-test-{os.getpid()}"
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"checkpoint.save={self.save}: is a file, not a directory")
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
