@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from megatron_qwen.config import ConfigError, build_config
-from megatron_qwen.model.attention import check_attention_kernel
 from tests.dist import REPO
 
 GPU_OK = dict(dtype=torch.bfloat16, device_type="cuda", flash_available=True, head_dim=128)
@@ -26,6 +25,8 @@ GPU_OK = dict(dtype=torch.bfloat16, device_type="cuda", flash_available=True, he
     ({"mask_from": "train.task=sft"}, "causal-only and train.task=sft feeds it an explicit attention mask"),
 ])
 def test_flash_refusals(change, needle):
+    from megatron_qwen.model.attention import check_attention_kernel
+
     check_attention_kernel("flash", **GPU_OK)  # the valid GPU case
     with pytest.raises(ConfigError, match="model.attention_backend=flash") as exc:
         check_attention_kernel("flash", **{**GPU_OK, **change})
@@ -34,6 +35,8 @@ def test_flash_refusals(change, needle):
 
 @pytest.mark.parametrize("backend", ["sdpa", "unfused"])
 def test_other_backends_take_masks_fp32_and_cpu(backend):
+    from megatron_qwen.model.attention import check_attention_kernel
+
     check_attention_kernel(backend, torch.float32, "cpu", False, 512, mask_from="train.task=sft")
     with pytest.raises(ConfigError, match="choose sdpa, flash, unfused"):
         check_attention_kernel("flashy", torch.float32, "cpu", False, 64)
