@@ -263,7 +263,8 @@ def typed_value(value: Any, hint: Any, where: str) -> Any:
     if kind is str:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r} (quote it)")
-        return value if isinstance(value, str) else str(value)
+        # as on the command line: "none" / "null" is None where the field is optional
+        return _parse_value(value if isinstance(value, str) else str(value), hint, where)
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):

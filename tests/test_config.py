@@ -96,7 +96,7 @@ def _recipe(**groups) -> str:
     ("optim", "clip_grad", "off"), ("train", "train_iters", "ten"),
     ("train", "micro_batch_size", "2.7"), ("optim", "clip_grad", "null"),
     ("checkpoint", "save_interval", "none"), ("model", "window_sizes", "[4, 4, 4, 4]"),
-    ("model", "window_sizes", "[4, 4]"),
+    ("model", "window_sizes", "[4, 4]"), ("checkpoint", "pretrained_checkpoint", "none"),
 ])
 def test_recipe_strings_are_typed_as_the_command_line_types_them(tmp_path, group, field, text):
     """A quoted YAML value gives what the same text gives as a flag: the value, or the same
