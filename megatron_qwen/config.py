@@ -3,9 +3,9 @@
 A config is a dataclass whose fields are *groups* (themselves dataclasses: model, parallel,
 optim, ...). Values come, lowest precedence first, from: the dataclass defaults, the model preset
 (``model.preset``, wherever it is named), a YAML recipe (``--config recipe.yaml``), the command
-line. A recipe value is typed exactly as the same text on the command line would be (``"1e-3"``
-is 0.001, ``"no"`` is false, ``2.7`` for an integer field is an error). Every field is settable on the command line
-two ways: ``--group.field value`` (torchtitan style) and ``--field-name value`` (the Megatron-LM
+line. A recipe value is typed as the same text on the command line would be (``"1e-3"`` is 0.001,
+``"no"`` is false, ``2.7`` for an integer field is an error). Every field is settable on the
+command line two ways: ``--group.field value`` (torchtitan style) and ``--field-name value`` (the Megatron-LM
 spelling users already script against, e.g. ``--tensor-model-parallel-size 2``). Field names are
 therefore unique across the groups of one config.
 
@@ -139,7 +139,6 @@ class ParallelConfig:
             raise ConfigError("parallel.virtual_pipeline_model_parallel_size must be >= 1 (or null)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
-        vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and vpp > 1 and self.pipeline_model_parallel_size < 2:
             raise ConfigError(
                 "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1"
@@ -237,9 +236,9 @@ def _is_optional(hint: Any) -> bool:
 
 
 def typed_value(value: Any, hint: Any, where: str) -> Any:
-    """A value from a recipe (YAML, a preset, a config.json) as the field annotated ``hint``
-    holds it, typed as the command line types the same text; a wrong type is a ConfigError
-    naming ``where``. Already-typed values (the command line's) pass unchanged."""
+    """A value from a recipe (YAML) or a preset as the field annotated ``hint`` holds it, typed
+    as the command line types the same text; a wrong type is a ConfigError naming ``where``.
+    Already-typed values (the command line's) pass unchanged."""
     kind = _scalar_type(hint)
     name = getattr(kind, "__name__", str(kind))
     if value is None:

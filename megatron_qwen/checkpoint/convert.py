@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -44,7 +44,7 @@ def _parallel(tp: int, pp: int, vpp: Optional[int], cfg: ModelConfig) -> Paralle
 
 
 def mcore_model_config(hf_config: dict, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                       where: str = "config.json") -> tuple:
+                       where: str = "config.json") -> Tuple[ModelConfig, ParallelConfig, int]:
     """(ModelConfig, ParallelConfig, HF row count) that ``hf-to-mcore --tp/--pp/--vpp`` writes
     for an HF ``config.json``: the vocabulary padded to a multiple of 128 x TP."""
     cfg, rows = model_config_from_hf(hf_config, where)
