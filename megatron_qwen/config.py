@@ -1,9 +1,11 @@
 """One configuration system for every entry point.
 
 A config is a dataclass whose fields are *groups* (themselves dataclasses: model, parallel,
-optim, ...). Values come, in order of precedence, from: the command line, a YAML recipe
-(``--config recipe.yaml``), the dataclass defaults. Every field is settable on the command line
-two ways: ``--group.field value`` (torchtitan style) and ``--field-name value`` (the Megatron-LM
+optim, ...). Values come, lowest precedence first, from: the dataclass defaults, the model preset
+(``model.preset``, wherever it is named), a YAML recipe (``--config recipe.yaml``), the command
+line. A recipe value is typed as the same text on the command line would be (``"1e-3"`` is 0.001,
+``"no"`` is false, ``2.7`` for an integer field is an error). Every field is settable on the
+command line two ways: ``--group.field value`` (torchtitan style) and ``--field-name value`` (the Megatron-LM
 spelling users already script against, e.g. ``--tensor-model-parallel-size 2``). Field names are
 therefore unique across the groups of one config.
 
@@ -62,6 +64,20 @@ class ModelConfig:
     recompute_num_layers: int = 1
 
     def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "make_vocab_size_divisible_by", "seq_length",
+                     "max_position_embeddings", "recompute_num_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1")
+        for name in ("num_query_groups", "padded_vocab_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 1 (or null)")
+        for name in ("rotary_base", "norm_epsilon", "init_method_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
@@ -86,6 +102,9 @@ class ModelConfig:
                 f"model.window_sizes has {len(self.window_sizes)} entries for "
                 f"{self.num_layers} layers"
             )
+        for w in self.window_sizes or []:
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise ConfigError(f"model.window_sizes: {w!r} is not a window (an integer >= 1, or null)")
 
     @property
     def kv_channels(self) -> int:
@@ -115,9 +134,11 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp < 1:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size must be >= 1 (or null)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
-        vpp = self.virtual_pipeline_model_parallel_size
         if vpp is not None and vpp > 1 and self.pipeline_model_parallel_size < 2:
             raise ConfigError(
                 "parallel.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1"
@@ -210,14 +231,70 @@ def _parse_value(text: str, hint: Any, flag: str) -> Any:
         raise ConfigError(f"{flag}: cannot read {text!r} as {getattr(kind, '__name__', kind)}") from None
 
 
-def _build_group(cls: type, values: dict, group_name: str) -> Any:
-    values = dict(values or {})
-    if cls is ModelConfig and values.get("preset"):
-        values = {**model_preset(values["preset"]), **values}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
+def typed_value(value: Any, hint: Any, where: str) -> Any:
+    """A value from a recipe (YAML) or a preset as the field annotated ``hint`` holds it, typed
+    as the command line types the same text; a wrong type is a ConfigError naming ``where``.
+    Already-typed values (the command line's) pass unchanged."""
+    kind = _scalar_type(hint)
+    name = getattr(kind, "__name__", str(kind))
+    if value is None:
+        if _is_optional(hint):
+            return None
+        raise ConfigError(f"{where}: null is not allowed (expected {name})")
+    if kind is list:
+        if isinstance(value, str):  # as --flag '[a, b]' on the command line
+            value = _parse_value(value, hint, where)
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r} (write [{value}])")
+    if kind is dict:
+        if isinstance(value, str):
+            value = _parse_value(value, hint, where)
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if isinstance(value, (list, tuple, dict)):
+        raise ConfigError(f"{where}: expected {name}, got {type(value).__name__} {value!r}")
+    if kind is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r} (quote it)")
+        # as on the command line: "none" / "null" is None where the field is optional
+        return _parse_value(value if isinstance(value, str) else str(value), hint, where)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    # a string, or a scalar of another type: read its text as the command line would
+    # ("1e-3" -> 0.001, "no" -> False, 2.7 for an int -> error)
+    return _parse_value(value if isinstance(value, str) else str(value), hint, where)
+
+
+def _typed_group(cls: type, values: dict, group_name: str, source: str = "") -> dict:
+    """``values`` (one group of a recipe) with unknown fields refused and every value typed."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}group {group_name!r} must be a mapping of field: value, "
+                          f"got {type(values).__name__}")
+    hints = _resolved_hints(cls)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ConfigError(f"unknown field(s) in group {group_name!r}: {', '.join(unknown)}")
+        raise ConfigError(f"{prefix}unknown field(s) in group {group_name!r}: {', '.join(map(str, unknown))}")
+    return {k: typed_value(v, hints[k], f"{prefix}{group_name}.{k}") for k, v in values.items()}
+
+
+def _build_group(cls: type, values: dict, group_name: str, source: str = "") -> Any:
+    """One group from its values; a ModelConfig's preset fills the fields not given."""
+    values = _typed_group(cls, dict(values or {}), group_name, source)
+    if cls is ModelConfig and values.get("preset"):
+        name = values["preset"]
+        values = {**_typed_group(cls, model_preset(name), group_name, f"model.preset={name}"),
+                  **values}
     return cls(**values)
 
 
@@ -284,23 +361,29 @@ def parse_overrides(cls: type, argv: Sequence[str]) -> dict:
     return out
 
 
-def build_config(cls: type, recipe: Optional[dict] = None, overrides: Optional[dict] = None) -> Any:
-    """Instantiate a top-level config from a recipe mapping and CLI overrides, then validate."""
+def build_config(cls: type, recipe: Optional[dict] = None, overrides: Optional[dict] = None,
+                 source: str = "recipe") -> Any:
+    """Instantiate a top-level config from a recipe mapping and CLI overrides, then validate.
+
+    Precedence, lowest first: defaults < the model preset < the recipe < the overrides. The
+    preset is the one finally named (an override's ``--model.preset`` replaces the recipe's),
+    and it only fills fields that neither the recipe nor an override sets. ``source`` names the
+    recipe in errors (its file name)."""
     recipe = recipe or {}
     overrides = overrides or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{source}: expected a mapping of groups, got {type(recipe).__name__}")
     hints = _resolved_hints(cls)
     unknown = sorted(set(recipe) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ConfigError(f"unknown group(s) in recipe: {', '.join(unknown)}")
+        raise ConfigError(f"{source}: unknown group(s) in recipe: {', '.join(map(str, unknown))}")
     kwargs = {}
     for group in dataclasses.fields(cls):
         gcls = hints[group.name]
         if not _is_dataclass_type(gcls):
             continue
-        merged = {**(recipe.get(group.name) or {}), **overrides.get(group.name, {})}
-        if gcls is ModelConfig and "preset" in overrides.get("model", {}):
-            # a preset given on the command line replaces the recipe's shape fields
-            merged = {**model_preset(merged["preset"]), **overrides["model"]}
+        from_recipe = _typed_group(gcls, recipe.get(group.name) or {}, group.name, source)
+        merged = {**from_recipe, **overrides.get(group.name, {})}
         kwargs[group.name] = _build_group(gcls, merged, group.name)
     cfg = cls(**kwargs)
     validate(cfg)
@@ -326,6 +409,7 @@ def load_config(cls: type, argv: Optional[Sequence[str]] = None, description: st
         print(help_text(cls, description))
         raise SystemExit(0)
     recipe: dict = {}
+    path = None
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 == len(argv):
@@ -339,7 +423,7 @@ def load_config(cls: type, argv: Optional[Sequence[str]] = None, description: st
             raise SystemExit(f"error: --config {path}: not valid YAML ({str(exc).splitlines()[0]})")
         argv = argv[:i] + argv[i + 2 :]
     try:
-        return build_config(cls, recipe, parse_overrides(cls, argv))
+        return build_config(cls, recipe, parse_overrides(cls, argv), source=str(path) if recipe else "recipe")
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}")
 

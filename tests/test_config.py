@@ -46,3 +46,99 @@ def test_invalid_layout_fails_with_one_line_reason():
         parse_overrides(_Cfg, ["--tensr-model-parallel-size", "2"])
     with pytest.raises(ConfigError, match="unknown field"):
         build_config(_Cfg, {"model": {"hiden_size": 3}})
+
+
+# --------------------------------------------------------------------------- recipes vs CLI
+
+
+def _load(tmp_path, recipe: str, *argv: str):
+    """PretrainConfig as pretrain_qwen.py reads it: --config FILE plus flags."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.training.config import PretrainConfig
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe)
+    return load_config(PretrainConfig, ["--config", str(path), "--data-path", "d", *argv])
+
+
+def _error(fn) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn()
+    msg = str(exc.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_precedence_is_preset_then_recipe_then_command_line(tmp_path):
+    recipe = "model:\n  preset: tiny\n  hidden_size: 128\n  seq_length: 64\n"
+    cfg = _load(tmp_path, recipe)
+    assert (cfg.model.hidden_size, cfg.model.seq_length, cfg.model.num_layers) == (128, 64, 4)
+    # a preset named on the command line replaces the recipe's preset, not the recipe's fields
+    cfg = _load(tmp_path, recipe, "--model.preset", "tiny_vocab")
+    assert (cfg.model.hidden_size, cfg.model.seq_length, cfg.model.vocab_size) == (128, 64, 1000)
+    cfg = _load(tmp_path, recipe, "--model.preset", "tiny_vocab", "--hidden-size", "256")
+    assert (cfg.model.hidden_size, cfg.model.seq_length) == (256, 64)
+    # a typo in the recipe is an error whichever preset is in force
+    msg = _error(lambda: _load(tmp_path, "model:\n  hiden_size: 3\n", "--model.preset", "tiny"))
+    assert "recipe.yaml" in msg and "hiden_size" in msg
+
+
+def _recipe(**groups) -> str:
+    """YAML of a tiny-model recipe with ``groups`` merged in (group=(field, raw YAML value))."""
+    lines = {"model": ["  preset: tiny"]}
+    for group, (field, raw) in groups.items():
+        lines.setdefault(group, []).append(f"  {field}: {raw}")
+    return "".join(f"{g}:\n" + "\n".join(body) + "\n" for g, body in lines.items())
+
+
+@pytest.mark.parametrize("group, field, text", [
+    ("optim", "lr", "1e-3"), ("optim", "bf16", "no"), ("optim", "bf16", "on"),
+    ("optim", "clip_grad", "off"), ("train", "train_iters", "ten"),
+    ("train", "micro_batch_size", "2.7"), ("optim", "clip_grad", "null"),
+    ("checkpoint", "save_interval", "none"), ("model", "window_sizes", "[4, 4, 4, 4]"),
+    ("model", "window_sizes", "[4, 4]"), ("checkpoint", "pretrained_checkpoint", "none"),
+])
+def test_recipe_strings_are_typed_as_the_command_line_types_them(tmp_path, group, field, text):
+    """A quoted YAML value gives what the same text gives as a flag: the value, or the same
+    one-line error naming the field."""
+    yaml_run = lambda: _load(tmp_path, _recipe(**{group: (field, repr(text))}))  # noqa: E731
+    cli_run = lambda: _load(tmp_path, _recipe(), f"--{group}.{field}", text)  # noqa: E731
+    try:
+        want = getattr(getattr(cli_run(), group), field)
+    except SystemExit:
+        assert field in _error(yaml_run) and field in _error(cli_run)
+    else:
+        assert getattr(getattr(yaml_run(), group), field) == want
+
+
+@pytest.mark.parametrize("group, field, raw, needle", [
+    ("train", "micro_batch_size", "2.7", "train.micro_batch_size: cannot read '2.7' as int"),
+    ("optim", "bf16", "1.5", "optim.bf16"),
+    ("optim", "clip_grad", "null", "optim.clip_grad: null is not allowed"),
+    ("optim", "lr", "[1]", "optim.lr: expected float"),
+    ("data", "data_path", "data/web", "data.data_path: expected a list"),
+    ("model", "num_layers", "true", "model.num_layers"),
+    ("model", "seq_length", "0", "model.seq_length=0 must be >= 1"),
+    ("model", "seq_length", "-5", "model.seq_length=-5 must be >= 1"),
+    ("model", "window_sizes", "[4, x, 4, 4]", "model.window_sizes"),
+])
+def test_wrong_recipe_types_are_one_line_errors(tmp_path, group, field, raw, needle):
+    from megatron_qwen.config import load_config
+    from megatron_qwen.training.config import PretrainConfig
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(_recipe(**{group: (field, raw)}, data=("data_path", "[d]")) if group != "data"
+                    else _recipe(data=(field, raw)))
+    msg = _error(lambda: load_config(PretrainConfig, ["--config", str(path)]))
+    assert needle in msg, msg
+
+
+def test_a_group_that_is_not_a_mapping_is_one_line_error(tmp_path):
+    assert "group 'optim' must be a mapping" in _error(lambda: _load(tmp_path, "model:\n  preset: tiny\noptim: 3\n"))
+
+
+def test_recipe_numbers_and_booleans_keep_their_yaml_types(tmp_path):
+    cfg = _load(tmp_path, "model:\n  preset: tiny\noptim:\n  lr: 1.0e-3\n  clip_grad: 0\n  bf16: no\n"
+                          "train:\n  train_iters: 10\n")
+    assert cfg.optim.lr == 1e-3 and cfg.optim.clip_grad == 0.0 and isinstance(cfg.optim.clip_grad, float)
+    assert cfg.optim.bf16 is False and cfg.train.train_iters == 10

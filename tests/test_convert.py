@@ -209,6 +209,12 @@ def test_vocab_padding(rows, tmp_path):
     meta = load_tensors_metadata(str(tmp_path / "mc/iter_0000000"))
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         assert tuple(meta[key].global_shape) == (152064, 8)
+    # checkpoint_shapes (what tests/test_recipes.py compares recipes with) is what was written
+    from megatron_qwen.checkpoint.mcore_io import McoreCheckpointReader, checkpoint_shapes
+
+    shapes = checkpoint_shapes(McoreCheckpointReader(tmp_path / "mc").cfg)
+    assert {k: tuple(meta[k].global_shape) for k in shapes} == shapes
+    assert {k for k, v in meta.items() if not k.endswith("_extra_state")} == set(shapes)
     tokenizer = "auto" if rows == 151936 else "none"  # build the tokenizer files once
     convert("mcore-to-hf", "--mcore", tmp_path / "mc", "--out", tmp_path / "out", "--tokenizer", tokenizer)
     assert_same_tensors(tmp_path / "out", dict(model.state_dict()))

@@ -272,3 +272,57 @@ def test_tensor_and_pipeline_parallel_match_one_process(converted, tiny):
         for key, value in want.items():
             assert results[layout][key] == pytest.approx(value, rel=1e-4), (layout, key)
     assert results["tp2"]["greedy"] == greedy
+
+
+# --------------------------------------------------------------------------- default numerics
+
+
+def test_inference_numerics_defaults_per_device():
+    """bf16 on a GPU (flash kept where it can run), fp32 + sdpa on CPU; an explicit backend its
+    kernel refuses is a one-line error (the GPU cases run here: the function is pure)."""
+    from megatron_qwen.config import ConfigError
+    from megatron_qwen.inference.loading import inference_numerics, requested_dtype
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert inference_numerics("cuda", None, None, "flash", True, 128) == (bf16, "flash")
+    assert inference_numerics("cuda", None, None, "flash", False, 128) == (bf16, "sdpa")
+    assert inference_numerics("cuda", fp32, None, "flash", True, 128) == (fp32, "sdpa")
+    assert inference_numerics("cpu", None, None, "flash", False, 128) == (fp32, "sdpa")
+    assert inference_numerics("cpu", None, None, "unfused", False, 128) == (fp32, "unfused")
+    assert inference_numerics("cuda", None, "flash", "sdpa", True, 128) == (bf16, "flash")
+    with pytest.raises(ConfigError, match="attention_backend=flash takes bf16/fp16 only"):
+        inference_numerics("cuda", fp32, "flash", "flash", True, 128)
+    # flags: --dtype, and the older --bf16 / --no-bf16, unchanged
+    assert requested_dtype(None, None) is None
+    assert requested_dtype(True, None) == bf16 and requested_dtype(False, None) == fp32
+    assert requested_dtype(None, "fp16") == torch.float16 and requested_dtype(True, "bf16") == bf16
+    with pytest.raises(ConfigError, match="contradicts --dtype fp32"):
+        requested_dtype(True, "fp32")
+    with pytest.raises(ConfigError, match="--dtype 'half'"):
+        requested_dtype(None, "half")
+
+
+def test_generate_and_eval_ppl_run_a_flash_trained_checkpoint_with_default_flags(converted, tmp_path):
+    """A checkpoint whose config says flash (every GPU recipe) runs on CPU with default flags
+    (fp32 + sdpa), with the same tokens and perplexity as the sdpa checkpoint of the same weights."""
+    import dataclasses
+
+    from megatron_qwen.checkpoint.mapping import hf_to_mcore_state_dict
+    from megatron_qwen.checkpoint.mcore_io import McoreCheckpointReader, save_mcore_checkpoint
+    from megatron_qwen.inference import chat
+    from megatron_qwen.inference import perplexity as ppl
+
+    hf_model, root = converted
+    cfg = dataclasses.replace(McoreCheckpointReader(root / "mcore").cfg, attention_backend="flash")
+    flash = tmp_path / "flash"
+    flash.mkdir()
+    state = hf_to_mcore_state_dict(hf_model.state_dict(), cfg, "qwen2", cfg.padded_vocab_size)
+    save_mcore_checkpoint(flash, state, cfg, ParallelConfig(), {"hf_vocab_size": 151851})
+    assert McoreCheckpointReader(flash).cfg.attention_backend == "flash"
+    args = ["--prompt", "The Python language", "--max-new-tokens", "4"]
+    assert chat.main(["--load", str(flash), *args]) == chat.main(["--load", str(root / "mcore"), *args])
+    args = ["--data", str(DATA), "--seq-lengths", "64", "--num-samples", "1", "--packing", "concat",
+            "--combinations", "plain"]
+    assert ppl.main(["--load", str(flash), *args]) == ppl.main(["--load", str(root / "mcore"), *args])
+    with pytest.raises(SystemExit, match="attention_backend=flash"):  # asked for explicitly: refused
+        chat.main(["--load", str(flash), "--attention-backend", "flash", *args[:0], "--prompt", "x"])

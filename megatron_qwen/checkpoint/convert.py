@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -43,15 +43,23 @@ def _parallel(tp: int, pp: int, vpp: Optional[int], cfg: ModelConfig) -> Paralle
     return parallel
 
 
+def mcore_model_config(hf_config: dict, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                       where: str = "config.json") -> Tuple[ModelConfig, ParallelConfig, int]:
+    """(ModelConfig, ParallelConfig, HF row count) that ``hf-to-mcore --tp/--pp/--vpp`` writes
+    for an HF ``config.json``: the vocabulary padded to a multiple of 128 x TP."""
+    cfg, rows = model_config_from_hf(hf_config, where)
+    parallel = _parallel(tp, pp, vpp, cfg)
+    cfg.padded_vocab_size = cfg.vocab_size_padded(tp)
+    return cfg, parallel, rows
+
+
 def hf_to_mcore_checkpoint(hf_dir: str, out: str, tp: int = 1, pp: int = 1,
                            vpp: Optional[int] = None, dtype: Optional[str] = None) -> ModelConfig:
     """An HF checkpoint (qwen or qwen2 layout) -> a megatron-core torch_dist checkpoint."""
     reader = HFCheckpointReader(hf_dir)
     where = str(Path(hf_dir) / "config.json")
     fmt = detect_format(reader.config, where)
-    cfg, rows = model_config_from_hf(reader.config, where)
-    parallel = _parallel(tp, pp, vpp, cfg)
-    cfg.padded_vocab_size = cfg.vocab_size_padded(tp)
+    cfg, parallel, rows = mcore_model_config(reader.config, tp, pp, vpp, where)
     s = Shape.of(cfg, rows)
     cast = DTYPES[dtype] if dtype else None
     layers = [None, *range(cfg.num_layers)]

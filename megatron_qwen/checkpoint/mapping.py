@@ -66,16 +66,31 @@ def detect_format(hf_config: Mapping, where: str = "config.json") -> str:
                           "expected a Qwen (QWenLMHeadModel) or Qwen2ForCausalLM checkpoint")
 
 
-def _need(hf_config: Mapping, key: str, where: str):
+def _need(hf_config: Mapping, key: str, where: str, kind: type = int):
     if key not in hf_config:
         raise CheckpointError(f"{where}: field {key!r} is missing")
-    return hf_config[key]
+    return _get(hf_config, key, None, where, kind)
+
+
+def _get(hf_config: Mapping, key: str, default, where: str, kind: type = int):
+    """``hf_config[key]`` (or ``default``) checked to be a JSON number of ``kind``: a string or a
+    list where config.json must hold a number is a one-line error, not a TypeError later."""
+    value = hf_config.get(key, default)
+    if value is None:
+        return default
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (numeric and float(value).is_integer()):
+        raise CheckpointError(f"{where}: field {key!r} must be an integer, got {value!r}")
+    if kind is float and not numeric:
+        raise CheckpointError(f"{where}: field {key!r} must be a number, got {value!r}")
+    return kind(value)
 
 
 def model_config_from_hf(hf_config: Mapping, where: str = "config.json") -> Tuple[ModelConfig, int]:
     """The ModelConfig of an HF checkpoint, and its embedding row count."""
     fmt = detect_format(hf_config, where)
     g = lambda key: _need(hf_config, key, where)  # noqa: E731
+    opt = lambda key, default, kind=int: _get(hf_config, key, default, where, kind)  # noqa: E731
     if hf_config.get("tie_word_embeddings", False):
         raise CheckpointError(f"{where}: tie_word_embeddings=true; Qwen's embedding and output "
                               "projection are separate tensors")
@@ -84,7 +99,7 @@ def model_config_from_hf(hf_config: Mapping, where: str = "config.json") -> Tupl
         if g("kv_channels") * heads != hidden:
             raise CheckpointError(f"{where}: kv_channels={hf_config['kv_channels']} x "
                                   f"num_attention_heads={heads} != hidden_size={hidden}")
-        if float(hf_config.get("rotary_pct", 1.0)) != 1.0:
+        if opt("rotary_pct", 1.0, float) != 1.0:
             raise CheckpointError(f"{where}: rotary_pct={hf_config['rotary_pct']}: only 1.0 "
                                   "(rotary over the whole head) is supported")
         if g("intermediate_size") % 2:
@@ -93,25 +108,25 @@ def model_config_from_hf(hf_config: Mapping, where: str = "config.json") -> Tupl
         cfg = ModelConfig(
             num_layers=g("num_hidden_layers"), hidden_size=hidden, num_attention_heads=heads,
             num_query_groups=None, ffn_hidden_size=g("intermediate_size") // 2,
-            vocab_size=g("vocab_size"), seq_length=hf_config.get("seq_length", 2048),
-            max_position_embeddings=hf_config.get("max_position_embeddings", 8192),
-            rotary_base=float(hf_config.get("rotary_emb_base", 10000.0)),
-            norm_epsilon=float(hf_config.get("layer_norm_epsilon", 1e-6)),
-            init_method_std=float(hf_config.get("initializer_range", 0.02)),
+            vocab_size=g("vocab_size"), seq_length=opt("seq_length", 2048),
+            max_position_embeddings=opt("max_position_embeddings", 8192),
+            rotary_base=opt("rotary_emb_base", 10000.0, float),
+            norm_epsilon=opt("layer_norm_epsilon", 1e-6, float),
+            init_method_std=opt("initializer_range", 0.02, float),
             use_dynamic_ntk=bool(hf_config.get("use_dynamic_ntk", False)),
             use_logn_attn=bool(hf_config.get("use_logn_attn", False)),
         )
     else:
         heads = g("num_attention_heads")
-        kv = hf_config.get("num_key_value_heads") or heads
+        kv = opt("num_key_value_heads", None) or heads
         rope = hf_config.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+        theta = _get(rope, "rope_theta", opt("rope_theta", 10000.0, float), where, float)
         if rope.get("rope_type", "default") != "default":
             raise CheckpointError(f"{where}: rope_type={rope['rope_type']!r}: only 'default' RoPE "
                                   "is supported")
         if hf_config.get("use_sliding_window"):
             raise CheckpointError(f"{where}: use_sliding_window=true is not supported")
-        head_dim = hf_config.get("head_dim")
+        head_dim = opt("head_dim", None)
         if head_dim is not None and head_dim * heads != g("hidden_size"):
             raise CheckpointError(f"{where}: head_dim={head_dim} x num_attention_heads={heads} "
                                   f"!= hidden_size={hf_config['hidden_size']}")
@@ -119,10 +134,10 @@ def model_config_from_hf(hf_config: Mapping, where: str = "config.json") -> Tupl
             num_layers=g("num_hidden_layers"), hidden_size=g("hidden_size"),
             num_attention_heads=heads, num_query_groups=None if kv == heads else kv,
             ffn_hidden_size=g("intermediate_size"), vocab_size=g("vocab_size"),
-            seq_length=min(2048, hf_config.get("max_position_embeddings", 2048)),
-            max_position_embeddings=hf_config.get("max_position_embeddings", 8192),
-            rotary_base=float(theta), norm_epsilon=float(hf_config.get("rms_norm_eps", 1e-6)),
-            init_method_std=float(hf_config.get("initializer_range", 0.02)),
+            seq_length=min(2048, opt("max_position_embeddings", 2048)),
+            max_position_embeddings=opt("max_position_embeddings", 8192),
+            rotary_base=float(theta), norm_epsilon=opt("rms_norm_eps", 1e-6, float),
+            init_method_std=opt("initializer_range", 0.02, float),
         )
     try:
         cfg.validate()

@@ -58,6 +58,17 @@ def ckpt_key(role: str) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def checkpoint_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """{dist-checkpoint key: global shape} of the tensors :func:`save_mcore_checkpoint` writes
+    for ``cfg`` (layers stacked on axis 0, the vocabulary at ``cfg.padded_vocab_size`` rows)."""
+    from megatron_qwen.checkpoint.mapping import Shape, mcore_shapes
+
+    s = Shape.of(cfg, cfg.vocab_size_padded())
+    out = {ckpt_key(role): shape for role, shape in mcore_shapes(s).items()}
+    out.update({ckpt_key(role): (cfg.num_layers, *shape) for role, shape in mcore_shapes(s, 0).items()})
+    return out
+
+
 def _sharded_state_dict(tensors: Mapping[str, torch.Tensor], num_layers: int) -> dict:
     """ShardedTensors (one per layer, stacked on axis 0) for full megatron-core tensors."""
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
@@ -92,9 +103,14 @@ def save_mcore_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], 
         if rows != expected:
             raise CheckpointError(f"{mcore_name(role)} has {rows} rows, expected the padded "
                                   f"vocabulary size {expected}")
+    state = _sharded_state_dict(tensors, cfg.num_layers)
+    shapes = checkpoint_shapes(cfg)
+    for item in state.values():
+        if item.key in shapes and tuple(item.global_shape) != shapes[item.key]:
+            raise CheckpointError(f"{item.key} has global shape {tuple(item.global_shape)}, "
+                                  f"expected {shapes[item.key]} for the model config")
     ckpt_dir = Path(directory) / iter_dir_name(iteration)
     ckpt_dir.mkdir(parents=True)
-    state = _sharded_state_dict(tensors, cfg.num_layers)
     state[META_KEY] = {**meta, "model": dataclasses.asdict(cfg),
                        "parallel": dataclasses.asdict(parallel)}
     state["checkpoint_version"] = 3.0

@@ -41,7 +41,8 @@ class GenerateArgs:
     window_rule: str = "none"
     attention_backend: Optional[str] = None
     train_seq_length: Optional[int] = None  # override the checkpoint's training length (L_train)
-    bf16: bool = False
+    bf16: Optional[bool] = None  # --bf16 / --no-bf16 (fp32); unset: bf16 on a GPU, fp32 on CPU
+    dtype: Optional[str] = None  # bf16 | fp16 | fp32 (same as --bf16 / --no-bf16); unset: as above
 
     def validate(self) -> None:
         if not self.load:
@@ -152,7 +153,7 @@ def _chat_loop(gen: Generator, system: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     from megatron_qwen.config import load_config
-    from megatron_qwen.inference.loading import load_model
+    from megatron_qwen.inference.loading import load_model, requested_dtype
     from megatron_qwen.tokenizer import load_tokenizer
 
     cfg = load_config(GenerateConfig, argv, GenerateConfig.__doc__)
@@ -164,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         if args.train_seq_length:
             overrides["seq_length"] = args.train_seq_length
         model, model_cfg = load_model(args.load, cfg.parallel,
-                                      torch.bfloat16 if args.bf16 else torch.float32, **overrides)
+                                      requested_dtype(args.bf16, args.dtype), **overrides)
         if len(model) != 1:
             raise ConfigError("generation runs with pipeline_model_parallel_size=1")
         set_long_context(model, LongContext(args.use_dynamic_ntk, args.use_logn_attn, args.window_rule))

@@ -222,7 +222,8 @@ class PerplexityArgs:
     attention_backend: Optional[str] = None  # override the checkpoint's: sdpa | flash | unfused
     train_seq_length: Optional[int] = None  # override the checkpoint's training length (L_train)
     micro_batch_size: int = 1
-    bf16: bool = False
+    bf16: Optional[bool] = None  # --bf16 / --no-bf16 (fp32); unset: bf16 on a GPU, fp32 on CPU
+    dtype: Optional[str] = None  # bf16 | fp16 | fp32 (same as --bf16 / --no-bf16); unset: as above
     output: Optional[str] = None  # also write the table as JSON here
 
     def validate(self) -> None:
@@ -249,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     import json
 
     from megatron_qwen.config import load_config
-    from megatron_qwen.inference.loading import load_model
+    from megatron_qwen.inference.loading import load_model, requested_dtype
     from megatron_qwen.model.long_context import window_sizes_from_rule
     from megatron_qwen.tokenizer import load_tokenizer
 
@@ -262,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
         overrides["seq_length"] = args.train_seq_length
     try:
         model, model_cfg = load_model(args.load, cfg.parallel,
-                                      torch.bfloat16 if args.bf16 else torch.float32, **overrides)
+                                      requested_dtype(args.bf16, args.dtype), **overrides)
         window_rule = args.window_rule or f"linear:{max(1, model_cfg.seq_length // 4)}:{model_cfg.seq_length}"
         window_sizes_from_rule(window_rule, model_cfg.num_layers, model_cfg.seq_length)  # check early
         rows = settings(args.combinations, window_rule)

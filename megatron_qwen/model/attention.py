@@ -39,6 +39,44 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 BACKENDS = ("sdpa", "flash", "unfused")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash_attn refuses every other dtype
+FLASH_MAX_HEAD_DIM = 256  # flash_attn 2's largest head dimension
+
+
+def check_attention_kernel(backend: str, dtype: torch.dtype, device_type: str,
+                           flash_available: bool, head_dim: int,
+                           mask_from: Optional[str] = None, dtype_from: str = "") -> None:
+    """Refuse, before anything is built, every combination the chosen kernel would refuse at its
+    first forward: a ConfigError (one line naming the fields) instead of a crash on the GPU.
+
+    ``mask_from`` names the setting that feeds the kernel an explicit attention mask (SFT's
+    block-diagonal packing mask, ``data.reset_attention_mask``), ``dtype_from`` the setting that
+    chose ``dtype``. Pure: the device and flash availability are arguments, so the GPU case is
+    checked on CPU."""
+    from megatron_qwen.config import ConfigError
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"model.attention_backend={backend!r}: choose {', '.join(BACKENDS)}")
+    if backend != "flash":
+        return
+    fix = "or set model.attention_backend=sdpa (--attention-backend sdpa)"
+    if not flash_available:
+        raise ConfigError("model.attention_backend=flash needs the flash_attn package "
+                          f"(pip install flash-attn --no-build-isolation), {fix}")
+    if device_type != "cuda":
+        raise ConfigError(f"model.attention_backend=flash runs on CUDA GPUs only and this run is on "
+                          f"{device_type}; {fix.removeprefix('or ')}")
+    if dtype not in FLASH_DTYPES:
+        why = f" ({dtype_from})" if dtype_from else ""
+        raise ConfigError(f"model.attention_backend=flash takes bf16/fp16 only and this run computes "
+                          f"in {str(dtype).removeprefix('torch.')}{why}: use bf16, {fix}")
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        raise ConfigError(f"model.attention_backend=flash supports head dims up to {FLASH_MAX_HEAD_DIM}, "
+                          f"this model has {head_dim} (model.hidden_size / model.num_attention_heads); "
+                          f"{fix.removeprefix('or ')}")
+    if mask_from:
+        raise ConfigError(f"model.attention_backend=flash is causal-only and {mask_from} feeds it an "
+                          f"explicit attention mask; {fix.removeprefix('or ')} (no varlen flash path yet)")
 
 
 def causal_mask(sq: int, sk: int, device) -> torch.Tensor:

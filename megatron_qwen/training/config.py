@@ -112,6 +112,24 @@ class CheckpointConfig:
     no_load_rng: bool = False
     exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save a checkpoint, then exit cleanly
 
+    def check_save_writable(self) -> None:
+        """Create ``save`` now and write a probe file in it: an unwritable directory is a
+        one-line error at start, not a crash at the first save after hours of training."""
+        import os
+        from pathlib import Path
+
+        root = Path(self.save)
+        probe = root / f".write-test-{os.getpid()}"
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"checkpoint.save={self.save}: is a file, not a directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"checkpoint.save={self.save}: cannot write there "
+                              f"({exc.strerror or exc})") from None
+
     def validate(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError("checkpoint.save_interval must be >= 1")
@@ -184,6 +202,33 @@ class PretrainConfig:
             raise ConfigError("--data-path is required for --task pretrain")
         if self.train.task == "sft" and not self.sft.sft_data_path:
             raise ConfigError("--sft-data-path is required for --task sft")
+
+    def compute_dtype(self, on_gpu: bool):
+        """The dtype the model computes in: bf16 when asked for and on a GPU, else fp32 (a CPU
+        run drops --bf16)."""
+        import torch
+
+        return torch.bfloat16 if self.optim.bf16 and on_gpu else torch.float32
+
+    def attention_mask_source(self) -> Optional[str]:
+        """The setting that makes the data carry an explicit attention mask, or None (causal)."""
+        if self.train.task == "sft":  # data/sft.py: block-diagonal causal, packed or padded
+            return f"train.task=sft (sft.sft_packing={str(self.sft.sft_packing).lower()})"
+        if self.data.reset_attention_mask:
+            return "data.reset_attention_mask=true"
+        return None
+
+    def check_kernels(self, on_gpu: bool, flash_available: bool) -> None:
+        """Refuse at start what the attention kernel would refuse at the first forward, for the
+        machine described by the arguments (pure: the GPU case is testable on CPU)."""
+        from megatron_qwen.model.attention import check_attention_kernel
+
+        dtype = self.compute_dtype(on_gpu)
+        dtype_from = ("no GPU: a CPU run computes in fp32" if self.optim.bf16 and not on_gpu
+                      else f"optim.bf16={str(self.optim.bf16).lower()}")
+        check_attention_kernel(self.model.attention_backend, dtype, "cuda" if on_gpu else "cpu",
+                               flash_available, self.model.kv_channels,
+                               mask_from=self.attention_mask_source(), dtype_from=dtype_from)
 
     def check_world(self, world_size: int) -> int:
         """Validate the layout against the process count; return the data-parallel size."""

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_qwen.config import ConfigError, dumps, to_dict
+from megatron_qwen.model.attention import flash_attn_func
 from megatron_qwen.training import checkpoint as ckpt
 from megatron_qwen.training import metrics as mx
 from megatron_qwen.training.optimizer import build_optimizer
@@ -236,7 +237,7 @@ class Trainer:
         self.dp = cfg.check_world(torch.distributed.get_world_size())
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.num_micro = cfg.num_microbatches(self.dp)
-        self.use_bf16 = cfg.optim.bf16 and torch.cuda.is_available()
+        self.use_bf16 = cfg.compute_dtype(torch.cuda.is_available()) == torch.bfloat16
         self.model = build_wrapped_model(cfg, self.use_bf16)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.use_bf16)
         _hook_schedule(self.model, self.optimizer, cfg)
@@ -328,6 +329,10 @@ def train(cfg) -> list[dict]:
     t, ck = cfg.train, cfg.checkpoint
     if t.task not in DATASET_PROVIDERS:
         raise ConfigError(f"--task {t.task!r}: known tasks are {', '.join(sorted(DATASET_PROVIDERS))}")
+    # what the attention kernel and the save directory would refuse later, refused now
+    cfg.check_kernels(on_gpu=torch.cuda.is_available(), flash_available=flash_attn_func is not None)
+    if ck.save:
+        ck.check_save_writable()
     from megatron_qwen.data.pretrain import split_sizes
 
     # data first: a wrong path or tokenizer fails before minutes of model building
