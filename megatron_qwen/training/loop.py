@@ -278,8 +278,13 @@ class Trainer:
         grad_norm = None
         if self.guard.update(iteration, finite):
             skipped = True
-        else:
-            ok, grad_norm, _ = self.optimizer.step()
+        elif self.cfg.optim.clip_grad > 0:
+            ok, grad_norm, _ = self.optimizer.step()  # the norm it clipped with
+            skipped = not ok
+        else:  # without clipping step() takes no norm: take one for the log
+            self.optimizer.prepare_grads()
+            grad_norm = self.optimizer.get_grad_norm()
+            ok, _, _ = self.optimizer.step()
             skipped = not ok
         self.iteration = iteration
         self.consumed_samples += self.cfg.train.global_batch_size
