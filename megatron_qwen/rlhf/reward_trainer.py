@@ -187,8 +187,10 @@ def train(cfg: RewardModelConfig) -> dict:
             local[4] += (rc - rr).sum().item()
         step += 1
         loss_sum, correct, npairs, tokens, margin = all_reduce_scalars(local, device=engine.device)
+        norm = engine.get_global_grad_norm()  # before clipping; None at ZeRO-0 (DeepSpeed keeps none)
         record = {"step": step, "loss": loss_sum / npairs, "accuracy": correct / npairs,
-                  "margin": margin / npairs, "lr": engine.get_lr()[0]}
+                  "margin": margin / npairs, "lr": engine.get_lr()[0],
+                  "grad_norm": None if norm is None else float(norm)}
         history.append(record)
         for key, value in zip(window, (loss_sum, correct, npairs, tokens, margin)):
             window[key] += value
