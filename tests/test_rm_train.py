@@ -12,8 +12,9 @@ fp32 rounding: loss within 1e-6, grad norm within 1e-5 relative. Adam then carri
 forward and it grows about tenfold every three steps (measured at ZeRO-3: 3e-5 relative in the
 grad norm by step 5, 2e-3 in the loss by step 30), so the first 5 steps are held to 1e-3 relative
 in the grad norm and 1e-4 in the loss, and the chaotic rest of the curve to 0.005 (steps <= 30)
-and 0.05. The grad norm is what catches a gradient-scale error: Adam's update is nearly blind to
-the scale, the loss curve barely moves, the norm doubles.
+and 0.05. The grad norm sees a gradient-scale error at the first step (a doubled gradient reads
+1.0 relative), before any loss can: Adam's update is nearly blind to the scale, so the loss
+curve shows it only later, through clipping.
 """
 
 import json
