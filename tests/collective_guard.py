@@ -5,13 +5,16 @@ factory (``torch.tensor``, ``zeros``, ``arange``...) without a ``device`` lands 
 and so does everything computed from such tensors alone; ``.to(device)`` / ``.cuda()`` moves it.
 On a CPU run every tensor is a CPU tensor, so this guard keeps that fact as a mark:
 
-- a factory called without ``device`` marks its result;
+- a factory called without ``device`` marks its result, and so do ``from_numpy`` and ``.cpu()``;
 - any other op marks its result when every tensor it was given is marked (what CPU-only inputs
   give; ``*_like`` and ``new_tensor`` of a device tensor are not marked);
 - ``.to(...)``, ``.cuda()`` with a device clear the mark (also on the tensor itself when ``to``
   returns it unchanged, as it does on the CPU);
-- ``torch.cat`` / ``torch.stack`` of marked and unmarked non-scalar tensors raise: CUDA refuses
-  that mix too.
+- ``torch.cat`` / ``torch.stack`` of marked and unmarked tensors raise: CUDA refuses that mix too.
+
+A tensor made with ``device="cpu"`` named explicitly counts as on the device (in a CPU run the
+compute device is the CPU). Tensors made where no Python torch call is seen (inside C++, in
+DataLoader worker processes) carry no mark: the guard can miss, not invent, a CPU tensor.
 
 The collectives of ``torch.distributed`` raise :class:`OffDeviceCollective`, naming the caller's
 file and line, when given a marked tensor. They also count their calls by name
