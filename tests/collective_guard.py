@@ -14,7 +14,7 @@ On a CPU run every tensor is a CPU tensor, so this guard keeps that fact as a ma
 
 A tensor made with ``device="cpu"`` named explicitly counts as on the device (in a CPU run the
 compute device is the CPU). Tensors made where no Python torch call is seen (inside C++, in
-DataLoader worker processes) carry no mark: the guard can miss, not invent, a CPU tensor.
+DataLoader worker processes) carry no mark: the guard misses those.
 
 The collectives of ``torch.distributed`` raise :class:`OffDeviceCollective`, naming the caller's
 file and line, when given a marked tensor. They also count their calls by name
