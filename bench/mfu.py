@@ -4,7 +4,8 @@
 GPU: Qwen-1.8B in full, and Qwen-7B / Qwen-14B with their real width but fewer layers so that
 one 80 GB GPU holds them (per-layer throughput is what matters; MFU counts the layers run).
 CPU: a smoke size (the `tiny` preset), MFU n/a. Prints tokens/s, TFLOP/s per GPU and MFU, with
-the FLOPs formula of megatron_qwen/training/metrics.py (6N + 12 L h s per token).
+the FLOPs formula of megatron_qwen/training/metrics.py: Megatron-LM's ``6 N + 6 L q s`` per token
+(attention's score and value products halved for the causal mask, as Megatron-LM counts them).
 
     python bench/mfu.py [--models 1p8b,7b,14b] [--steps 10] [--warmup 3]
     torchrun --nproc-per-node 8 bench/mfu.py --models 7b --tp 2    (a full node)
@@ -117,7 +118,8 @@ def main() -> None:
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             print(f"{r['name']:>16s} | {r['layers']} layers, {r['params_b']:.2f}B matmul params | seq {r['seq']} "
                   f"x batch {r['global_batch']} | {r['device']} x{r['world']} | step {r['step_s']:.3f} s | "
-                  f"tokens/s {r['tokens_per_sec']:.0f} | TFLOP/s/GPU {r['tflops_per_gpu']:.2f} | MFU {mfu}",
+                  f"tokens/s {r['tokens_per_sec']:.0f} | TFLOP/s/GPU {r['tflops_per_gpu']:.2f} | MFU {mfu} "
+                  f"({metrics.FLOPS_CONVENTION})",
                   flush=True)
 
 

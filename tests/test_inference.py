@@ -1,6 +1,7 @@
 """Generation with megatron-core's KV cache, sampling filters, perplexity against transformers,
 the command-line tools, and the ReAct prompt/parser."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -70,6 +71,30 @@ def test_sampling_filters_hand_computed():
         SamplingParams(top_p=0.0).validate()
 
 
+LOGITS = [3.0, 2.6, 2.2, 1.5, 1.0, 0.4, -0.3, -1.0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0),  # temperature alone
+    (1.0, 3, 1.0), (1.0, 0, 0.75), (0.7, 5, 0.8),  # top-k, top-p, all three
+])
+def test_sampled_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
+    """20,000 draws of choose_next (what generate samples with) from one logits row, against
+    the distribution written out from the definitions (tests/sampling_stats.py)."""
+    from megatron_qwen.inference.generation import choose_next
+    from tests.sampling_stats import assert_sampled_from, filtered_probs
+
+    n = 20_000
+    logits = torch.tensor([LOGITS]).expand(n, -1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    drawn = choose_next(logits, torch.zeros(n, 0, dtype=torch.long), params,
+                        torch.Generator().manual_seed(11))
+    want = filtered_probs(LOGITS, temperature, top_k, top_p)
+    assert_sampled_from(drawn.numpy(), want)
+    if (temperature, top_k, top_p) != (1.0, 0, 1.0):  # the setting makes a difference
+        assert abs(want - filtered_probs(LOGITS)).max() > 0.05
+
+
 # --------------------------------------------------------------------------- the KV cache
 
 
@@ -110,6 +135,11 @@ def test_sampling_and_stop_tokens(model, tiny):
     a = generate(model, prompt, params, vocab_size=tiny.vocab_size)
     assert a == generate(model, prompt, params, vocab_size=tiny.vocab_size)  # seeded
     assert all(0 <= t < tiny.vocab_size for t in a[0])
+    # the seed decides the sample: four seeds, four different continuations (a sampler that
+    # ignored it would repeat one; one that used the global RNG would fail the line above)
+    others = {tuple(generate(model, prompt, dataclasses.replace(params, seed=s), vocab_size=tiny.vocab_size)[0])
+              for s in (8, 9, 10)}
+    assert len(others | {tuple(a[0])}) == 4
     greedy = generate(model, prompt, SamplingParams(max_new_tokens=8), vocab_size=tiny.vocab_size)
     stop = greedy[0][3]
     first = greedy[0].index(stop)
@@ -182,18 +212,34 @@ def test_perplexity_reports_skipped_lines_and_short_data(tmp_path, capsys):
 
 
 def test_generate_tool_writes_jsonl(converted, tmp_path):
+    """tools/generate.py's JSONL against transformers' greedy generate on the same prompt ids
+    (a plain completion and a ChatML conversation with the default system turn): the same tokens
+    up to the first stop token, decoded."""
     from megatron_qwen.inference import chat
+    from megatron_qwen.tokenizer import load_tokenizer
+    from megatron_qwen.tokenizer.chatml import render_chatml_prompt
 
-    _, root = converted
+    hf_model, root = converted
+    messages = [{"role": "user", "content": "Hi"}]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "The Python language"}) + "\n"
-                       + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+                       + json.dumps({"messages": messages}) + "\n")
     out = tmp_path / "out.jsonl"
     results = chat.main(["--load", str(root / "mcore"), "--input", str(prompts), "--output", str(out),
                          "--max-new-tokens", "5", "--use-dynamic-ntk", "--window-rule", "uniform:32"])
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(lines) == 2 and lines[0]["prompt"] == "The Python language"
-    assert all(isinstance(r["response"], str) and r["response_tokens"] <= 5 for r in results)
+    assert lines == results and [r.get("prompt") for r in lines] == ["The Python language", None]
+    tok = load_tokenizer()
+    ids = [tok.encode("The Python language"),
+           render_chatml_prompt(messages, tok, system=chat.GenerateArgs.system)]
+    stops = {tok.im_end_id, tok.eod_id}  # the batch holds a chat record: both stop it
+    for line, prompt in zip(lines, ids):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
+        assert line["response_tokens"] == cut and line["response"] == tok.decode(ref[:cut])
+    assert lines[0]["response_tokens"] == 5  # a real completion, not an immediate stop
     prompts.write_text('{"prompt": "ok"}\n{"messages": "nope"}\n')
     with pytest.raises(SystemExit, match="prompts.jsonl:2"):
         chat.main(["--load", str(root / "mcore"), "--input", str(prompts)])

@@ -80,9 +80,28 @@ def test_samples_depend_only_on_their_own_seed(actor):
     b = generate(actor, [[20, 21]], [9], max_new_tokens=6, stop_token_id=-1, pad_token_id=ppo_tiny.PAD,
                  top_p=0.9)
     assert a.responses[1].tolist() == b.responses[0].tolist()
-    c = generate(actor, [[20, 21]], [10], max_new_tokens=6, stop_token_id=-1, pad_token_id=ppo_tiny.PAD,
-                 top_p=1.0)
-    assert c.responses.shape == (1, 6)
+    c = generate(actor, [[20, 21]] * 4, [10, 11, 12, 13], max_new_tokens=6, stop_token_id=-1,
+                 pad_token_id=ppo_tiny.PAD, top_p=1.0)
+    assert c.responses.shape == (4, 6)
+    # the seed decides the sample: a sampler that ignored it would repeat one response
+    assert len({tuple(r) for r in c.responses.tolist()}) == 4
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.0, 0.7), (1.4, 0.9)])
+def test_rollout_samples_follow_the_filtered_distribution(actor, temperature, top_p):
+    """The first response token of 8,000 rows of one prompt (a seed each) against the actor's
+    own next-token logits, filtered as the definitions say (tests/sampling_stats.py)."""
+    from tests.sampling_stats import assert_sampled_from, filtered_probs
+
+    prompt, n = [10, 11, 12], 8000
+    out = generate(actor, [prompt] * n, list(range(n)), max_new_tokens=1, stop_token_id=-1,
+                   pad_token_id=ppo_tiny.PAD, top_p=top_p, temperature=temperature)
+    with torch.no_grad():
+        logits = actor(torch.tensor([prompt])).logits[0, -1].double().numpy()
+    want = filtered_probs(logits, temperature, 0, top_p)
+    assert_sampled_from(out.responses[:, 0].numpy(), want)
+    if (temperature, top_p) != (1.0, 1.0):
+        assert abs(want - filtered_probs(logits)).max() > 0.02
 
 
 def test_make_experience_with_real_models_and_unfinished_penalty(actor, tmp_path):

@@ -2,11 +2,19 @@
 
 Pairs: chosen = a sentence of the Python language reference, rejected = the same words
 shuffled. A tiny random Qwen2 (real 151,936-row vocabulary) trains 40 steps (2 epochs of 640
-pairs, batch 32) through ``tools/train_reward_model.py``'s entry point, once in one process
-(ZeRO-0) and in two processes under ZeRO-2 and ZeRO-3; the ZeRO-3 run also saves half-way and a
-second run resumes from there. fp32 sums are ordered differently across layouts, so the curves
-separate slowly: per-step losses must agree within 0.005 for the first 30 steps and 0.05 to the
-end, and held-out accuracies within 0.035 (3 of 96 pairs), all >= 0.9.
+pairs, batch 32) through ``tools/train_reward_model.py``'s entry point, in one process (ZeRO-0,
+and ZeRO-1, whose engine reports the grad norm) and in two processes under ZeRO-2 and ZeRO-3;
+the ZeRO-3 run also saves half-way and a second run resumes from there.
+
+One process and two compute the same function of the same numbers; only the order of the fp32
+sums differs (ZeRO's partitions, the data-parallel all-reduce). So the first step agrees to
+fp32 rounding: loss within 1e-6, grad norm within 1e-5 relative. Adam then carries the rounding
+forward and it grows about tenfold every three steps (measured at ZeRO-3: 3e-5 relative in the
+grad norm by step 5, 2e-3 in the loss by step 30), so the first 5 steps are held to 1e-3 relative
+in the grad norm and 1e-4 in the loss, and the chaotic rest of the curve to 0.005 (steps <= 30)
+and 0.05. The grad norm sees a gradient-scale error at the first step (a doubled gradient reads
+1.0 relative), before any loss can: Adam's update is nearly blind to the scale, so the loss
+curve shows it only later, through clipping.
 """
 
 import json
@@ -32,11 +40,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     train, test = rm_fixtures.make_pairs(root / "data", n_train=640, n_test=96)
     model = rm_fixtures.make_tiny_qwen2(root / "model")
-    run_torchrun(SCRIPT, root / "data", model, root / "w1", "0", nproc=1)
+    run_torchrun(SCRIPT, root / "data", model, root / "w1", "0,1", nproc=1)
     run_torchrun(SCRIPT, root / "data", model, root / "w2", "2,3", "--resume", nproc=2)
     one = json.loads((root / "w1" / "results_w1.json").read_text())
     two = json.loads((root / "w2" / "results_w2.json").read_text())
-    return {"root": root, "test": test, "zero0": one["zero0"], "zero2": two["zero2"],
+    return {"root": root, "test": test, "zero0": one["zero0"], "zero1": one["zero1"], "zero2": two["zero2"],
             "zero3": two["zero3"], "resume": two["resume"]}
 
 
@@ -60,8 +68,12 @@ def test_bad_pairs_are_skipped_and_counted(runs):
 
 @pytest.mark.parametrize("layout", ["zero2", "zero3"])
 def test_two_processes_match_one(runs, layout):
-    ref, got = runs["zero0"], runs[layout]
+    ref, got = runs["zero1"], runs[layout]
+    assert runs["zero0"]["losses"][:5] == pytest.approx(ref["losses"][:5], abs=1e-6)
     diffs = [abs(a - b) for a, b in zip(ref["losses"], got["losses"])]
+    norms = [abs(a - b) / a for a, b in zip(ref["grad_norms"], got["grad_norms"])]
+    assert diffs[0] <= 1e-6 and norms[0] <= 1e-5, (diffs[0], norms[0])
+    assert max(diffs[:5]) <= 1e-4 and max(norms[:5]) <= 1e-3, (diffs[:5], norms[:5])
     assert max(diffs[:30]) < 0.005, diffs
     assert max(diffs) < 0.05, diffs
     assert abs(ref["final"]["accuracy"] - got["final"]["accuracy"]) <= 0.035

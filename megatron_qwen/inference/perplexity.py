@@ -25,6 +25,7 @@ import torch
 
 from megatron_qwen.config import ConfigError, ParallelConfig
 from megatron_qwen.inference.loading import LongContext, set_long_context
+from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 PACKINGS = ("documents", "concat")
 
@@ -119,12 +120,8 @@ def total_nll(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1) ->
             nll += float(item["nll_sum"])
             tokens += float(item["tokens"])
     contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    sums = torch.tensor([nll, tokens] if contributes else [0.0, 0.0], dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        if torch.distributed.get_backend() == "nccl":  # NCCL reduces device tensors only
-            sums = sums.to(torch.cuda.current_device())
-        torch.distributed.all_reduce(sums)
-    return float(sums[0]), int(sums[1])
+    nll, tokens = all_reduce_scalars([nll, tokens] if contributes else [0.0, 0.0], device=device)
+    return nll, int(tokens)
 
 
 def perplexity(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1) -> float:

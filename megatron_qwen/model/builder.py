@@ -172,9 +172,10 @@ def count_parameters(model_cfg: ModelConfig) -> int:
     local = sum(p.numel() for chunk in chunks for p in chunk.parameters()
                 if first_tp or getattr(p, "tensor_model_parallel", False))
     if tp > 1 or parallel_cfg.pipeline_model_parallel_size > 1:
-        total = torch.tensor([local], dtype=torch.float64)
-        torch.distributed.all_reduce(total, group=ps.get_model_parallel_group())
-        local = int(total.item())
+        from megatron_qwen.runtime import device
+        from megatron_qwen.runtime.collectives import all_reduce_scalars
+
+        local = int(all_reduce_scalars([local], device=device(), group=ps.get_model_parallel_group())[0])
     # The embedding and the output layer are padded to a multiple of 128 x TP: report TP=1's.
     extra_rows = model_cfg.vocab_size_padded(tp) - model_cfg.vocab_size_padded(1)
     return local - 2 * extra_rows * model_cfg.hidden_size

@@ -28,6 +28,7 @@ from megatron_qwen.data.preference import PreferenceDataset, collate_pairs
 from megatron_qwen.rlhf.reward_data import epoch_order, eval_shard, step_micro_batches
 from megatron_qwen.rlhf.reward_logging import MetricsLogger
 from megatron_qwen.rlhf.reward_pairs import data_report, load_pairs, load_rm_tokenizer
+from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -42,13 +43,6 @@ def pair_rewards(engine, batch: dict) -> tuple:
     rewards = gather_at(values, batch["end_index"].to(dev))
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
-
-
-def _all_sum(values: Sequence[float]) -> List[float]:
-    t = torch.tensor(list(values), dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 @torch.no_grad()
@@ -74,7 +68,7 @@ def evaluate(engine, pairs: PreferenceDataset, micro_batch_size: int, pad_id: in
         sums[4] += (rc.pow(2).sum() + rr.pow(2).sum()).item()
         sums[5] += rc.sum().item()
         sums[6] += rr.sum().item()
-    n, correct, loss, s, s2, sc, sr = _all_sum(sums)
+    n, correct, loss, s, s2, sc, sr = all_reduce_scalars(sums, device=engine.device)
     if was_training:
         engine.train()
     if n == 0:
@@ -192,9 +186,11 @@ def train(cfg: RewardModelConfig) -> dict:
             local[3] += batch["attention_mask"].sum().item()
             local[4] += (rc - rr).sum().item()
         step += 1
-        loss_sum, correct, npairs, tokens, margin = _all_sum(local)
+        loss_sum, correct, npairs, tokens, margin = all_reduce_scalars(local, device=engine.device)
+        norm = engine.get_global_grad_norm()  # before clipping; None at ZeRO-0 (DeepSpeed keeps none)
         record = {"step": step, "loss": loss_sum / npairs, "accuracy": correct / npairs,
-                  "margin": margin / npairs, "lr": engine.get_lr()[0]}
+                  "margin": margin / npairs, "lr": engine.get_lr()[0],
+                  "grad_norm": None if norm is None else float(norm)}
         history.append(record)
         for key, value in zip(window, (loss_sum, correct, npairs, tokens, margin)):
             window[key] += value

@@ -23,6 +23,7 @@ import torch
 
 from megatron_qwen.config import ConfigError, dumps, to_dict
 from megatron_qwen.model.attention import flash_attn_func
+from megatron_qwen.runtime.collectives import all_reduce_scalars
 from megatron_qwen.training import checkpoint as ckpt
 from megatron_qwen.training import metrics as mx
 from megatron_qwen.training.optimizer import build_optimizer
@@ -95,11 +96,7 @@ class ExitSignal:
         self.received = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if torch.distributed.is_initialized():
-            flag = flag.to(_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce_scalars([1.0 if self.received else 0.0], device=_device(), op="max")[0])
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -212,10 +209,16 @@ def _mean_loss(losses: list, per_token: bool) -> Optional[float]:
     return (local[0] / local[1].clamp(min=1.0)).item()
 
 
+def _grads_finite(model) -> bool:
+    """Whether this rank's gradients are all finite: its own contributions and, with the
+    distributed optimizer, the reduced shard it owns (a non-finite sum shows up there). Local
+    work (the largest magnitude per tensor); the ranks agree through the loss flag's all-reduce."""
+    grads = [p.main_grad for m in model for p in m.parameters() if getattr(p, "main_grad", None) is not None]
+    return not grads or math.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf).item())
+
+
 def _all_ranks_max(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
+    return all_reduce_scalars([x], device=_device(), op="max")[0]
 
 
 @dataclasses.dataclass
@@ -265,18 +268,24 @@ class Trainer:
             num_microbatches=self.num_micro, seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
         loss = _mean_loss(losses, self.cfg.train.calculate_per_token_loss)
-        bad_loss = _all_ranks_max(0.0 if loss is None or math.isfinite(loss) else 1.0)
+        # one flag for the loss and the gradients, agreed by every rank before the step; the
+        # step computes the (all-reduced) grad norm once, for clipping, and returns it
+        finite_here = (loss is None or math.isfinite(loss)) and _grads_finite(self.model)
+        finite = not _all_ranks_max(0.0 if finite_here else 1.0)
         iteration = self.iteration + 1
         # the LR of iteration i is the schedule at i (warm-up starts above zero)
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.prepare_grads()
-        grad_norm = self.optimizer.get_grad_norm()
-        finite = not bad_loss and grad_norm is not None and math.isfinite(grad_norm)
+        grad_norm = None
         if self.guard.update(iteration, finite):
             skipped = True
-        else:
-            ok, grad_norm, _ = self.optimizer.step()
+        elif self.cfg.optim.clip_grad > 0:
+            ok, grad_norm, _ = self.optimizer.step()  # the norm it clipped with
+            skipped = not ok
+        else:  # without clipping step() takes no norm: take one for the log
+            self.optimizer.prepare_grads()
+            grad_norm = self.optimizer.get_grad_norm()
+            ok, _, _ = self.optimizer.step()
             skipped = not ok
         self.iteration = iteration
         self.consumed_samples += self.cfg.train.global_batch_size

@@ -1,10 +1,12 @@
 """Throughput, model FLOPs and MFU, and the sinks metrics go to (stdout, TensorBoard, wandb).
 
-Model FLOPs per token (the PaLM convention, stated so numbers compare across papers):
-``6 * N + 12 * L * h * s`` where N counts every matmul weight that touches each token (all
-transformer layers plus the output projection; not the input embedding, a lookup), and
-``12 * L * h * s`` is attention's QK^T and AV for forward + backward at context s (no discount for
-the causal mask). Recomputation is not counted: this is model FLOPs, not hardware FLOPs.
+Model FLOPs per token follow Megatron-LM's ``num_floating_point_operations`` (what people
+compare MFU with): ``6 * N + 6 * L * q * s``. N counts every matmul weight that touches each
+token (all transformer layers plus the output projection; not the input embedding, a lookup);
+``6 * L * q * s`` is attention's QK^T and AV at context s (q = heads x head size) for forward +
+backward, halved for the causal mask (only the lower triangle is needed). PaLM's convention,
+``12 * L * h * s``, counts the full square. Recomputation is not counted: model FLOPs, not
+hardware FLOPs.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ import torch
 PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
 
 
+# named in the log line and by bench/mfu.py, so a reader knows which count the MFU uses
+FLOPS_CONVENTION = "Megatron-LM causal FLOPs"
+
+
+def _query_size(model_cfg) -> int:
+    return model_cfg.num_attention_heads * model_cfg.kv_channels
+
+
 def matmul_params(model_cfg, tp: int = 1) -> int:
     """N of the FLOPs formula: weights of every layer plus the (padded) output projection."""
     h, ffn, L = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_layers
+    q = _query_size(model_cfg)
     kv = (model_cfg.num_query_groups or model_cfg.num_attention_heads) * model_cfg.kv_channels
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * ffn
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * ffn
     return L * per_layer + model_cfg.vocab_size_padded(tp) * h
 
 
 def flops_per_token(model_cfg, seq_length: Optional[int] = None) -> float:
-    """Training (forward + backward) model FLOPs per token."""
+    """Training (forward + backward) model FLOPs per token, Megatron-LM's causal convention."""
     s = seq_length or model_cfg.seq_length
-    return 6.0 * matmul_params(model_cfg) + 12.0 * model_cfg.num_layers * model_cfg.hidden_size * s
+    return 6.0 * matmul_params(model_cfg) + 6.0 * model_cfg.num_layers * _query_size(model_cfg) * s
 
 
 def peak_tflops(device_name: Optional[str] = None) -> Optional[float]:
@@ -108,7 +119,8 @@ def format_train_line(iteration: int, train_iters: int, m: dict) -> str:
     mem = " | ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith(("mem_", "max_rss")))
     return (f"iteration {iteration:>7d}/{train_iters} | lm loss {m['lm_loss']:.6E} | "
             f"grad norm {m['grad_norm']:.4f} | lr {m['lr']:.4E} | "
-            f"tokens/s {m['tokens_per_sec']:.1f} | TFLOP/s/GPU {m['tflops_per_gpu']:.2f} | MFU {mfu} | "
+            f"tokens/s {m['tokens_per_sec']:.1f} | TFLOP/s/GPU {m['tflops_per_gpu']:.2f} | "
+            f"MFU {mfu} ({FLOPS_CONVENTION}) | "
             f"skipped {m['skipped_iters']:d} | {mem}")
 
 

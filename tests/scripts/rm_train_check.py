@@ -29,6 +29,7 @@ def run(data_dir: Path, model_dir: Path, out: Path, stage: int, *extra: str) -> 
             "--log-interval", "6", "--save", str(out), *extra]
     summary = main(argv)
     return {"final": summary["final"], "losses": [h["loss"] for h in summary["history"]],
+            "grad_norms": [h["grad_norm"] for h in summary["history"]],
             "steps": summary["steps"], "export_dir": summary["export_dir"],
             "train_data": summary["train_data"]}
 

@@ -17,10 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_qwen.runtime.collectives import is_multi_process
+
 
 def _dist_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over data-parallel ranks (a no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum ``t`` over data-parallel ranks (a no-op in a single process). ``t`` is computed from
+    the batch, so it is on the device the group communicates on."""
+    if is_multi_process():
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -187,7 +190,7 @@ class RunningMeanStd:
     def update(self, x: torch.Tensor) -> None:
         """Merge the scores of this (global) batch; ``x`` holds this rank's scores."""
         x = x.detach().double().flatten()
-        stats = _dist_sum(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+        stats = _dist_sum(torch.stack([x.sum(), (x * x).sum(), x.new_tensor(float(x.numel()))]))
         n = float(stats[2])
         if n == 0:
             return

@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.distributed as dist
 
 from megatron_qwen.rlhf.heads import position_ids_from_mask
+from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
 @dataclasses.dataclass
@@ -78,11 +78,7 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
+    return bool(all_reduce_scalars([1.0 if flag else 0.0], device=device, op="max")[0])
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from megatron_qwen.rlhf.ppo.metrics import MetricsLogger
 from megatron_qwen.rlhf.ppo.prompts import PromptSampler, load_prompts
 from megatron_qwen.rlhf.ppo.ptx import PtxBatches
 from megatron_qwen.rlhf.ppo.rollout import generate
+from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
 def _world() -> tuple[int, int]:
@@ -39,13 +40,6 @@ def _world() -> tuple[int, int]:
 def sample_seed(base: int, step: int, global_index: int) -> int:
     """The seed of one sequence's sampler: a function of its place in the global batch only."""
     return int(np.random.SeedSequence([base, step, global_index]).generate_state(1)[0])
-
-
-def _global_sum(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return float(t.item())
 
 
 class PPOTrainer:
@@ -103,6 +97,10 @@ class PPOTrainer:
             print(f"resumed from {checkpoint.latest(load_dir)} at step {self.step}", flush=True)
         return True
 
+    def _global_sum(self, x: float) -> float:
+        """``x`` summed over the data-parallel ranks (reduced on the actor's device)."""
+        return all_reduce_scalars([x], device=self.device)[0]
+
     def save(self) -> None:
         checkpoint.save(self.cfg.train.save, self.step, self.engines, self.trainer_state(), self.cfg,
                         save_frozen=self.cfg.train.save_frozen_engines)
@@ -130,7 +128,7 @@ class PPOTrainer:
         batch = self.ptx.batch(update, self.rank, self.world)
         ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         mask = attn[:, 1:].float()
-        num_tokens = torch.tensor(_global_sum(float(mask.sum())) / self.world)
+        num_tokens = torch.tensor(self._global_sum(float(mask.sum())) / self.world, device=self.device)
         logits = self.engines.actor(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
         nll = -ppo_math.token_logprobs(logits, ids[:, 1:])
         return ppo_math.token_mean(nll, mask, num_tokens)
@@ -151,14 +149,14 @@ class PPOTrainer:
             for s in range(0, exp.sequences.shape[0], micro):
                 mb = exp.rows(s, s + micro)
                 # loss / (global tokens / W): DeepSpeed's gradient mean is then the global token mean
-                n_tok = torch.tensor(_global_sum(float(mb.mask.sum())) / self.world)
+                n_tok = torch.tensor(self._global_sum(float(mb.mask.sum())) / self.world, device=self.device)
 
                 values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_length).float()
                 v_loss, v_info = ppo_math.value_loss(values, mb.old_values, mb.returns, mb.mask,
                                                      p.value_clip, num_tokens=n_tok)
                 critic.backward(v_loss)
                 critic.step()
-                add("loss/value", _global_sum(float(v_loss.detach())) / self.world)
+                add("loss/value", self._global_sum(float(v_loss.detach())) / self.world)
                 add("clipfrac/value", v_info["value_clipfrac"])
 
                 with torch.set_grad_enabled(update_actor):  # warm-up: entropy is only logged
@@ -176,10 +174,10 @@ class PPOTrainer:
                 if self.ptx is not None:
                     ptx_loss = self._ptx_loss(self.step * updates_per_step + len(sums["loss/value"]) - 1)
                     loss = loss + self.cfg.ptx.ptx_coef * ptx_loss
-                    add("loss/ptx", _global_sum(float(ptx_loss.detach())) / self.world)
+                    add("loss/ptx", self._global_sum(float(ptx_loss.detach())) / self.world)
                 actor.backward(loss)
                 actor.step()
-                add("loss/policy", _global_sum(float(pg_loss.detach())) / self.world)
+                add("loss/policy", self._global_sum(float(pg_loss.detach())) / self.world)
                 add("clipfrac/policy", pg_info["policy_clipfrac"])
                 add("approx_kl", pg_info["approx_kl"])
         out = {k: float(np.mean(v)) for k, v in sums.items()}
@@ -198,10 +196,10 @@ class PPOTrainer:
         t2 = time.perf_counter()
         metrics.update(self.train_on(exp))
         t3 = time.perf_counter()
-        tokens = _global_sum(float(rollout.attention_mask.sum()))
+        tokens = self._global_sum(float(rollout.attention_mask.sum()))
         metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
                         "time/step": t3 - t0, "tokens_per_s": tokens / (t3 - t0),
-                        "generated_tokens_per_s": _global_sum(float(rollout.response_mask.sum())) / (t1 - t0)})
+                        "generated_tokens_per_s": self._global_sum(float(rollout.response_mask.sum())) / (t1 - t0)})
         self.step += 1
         return metrics
 
