@@ -60,12 +60,13 @@ prepare_job_dirs() {
 # Stop signals reach the batch shell two ways:
 #   USR1 (#SBATCH --signal=B:USR1@...): the time limit is near. Ask the workers to save, wait for
 #        the save, then put the job back in the queue (REQUEUE=1, the default).
-#   TERM: Slurm is ending the job (preemption, `scontrol requeue`, `scancel`). The workers got the
-#        TERM as well; wait for their save and leave the rest to Slurm: it requeues a preempted or
-#        requeued job itself, and a cancelled job stays cancelled.
-# The workers are asked with `scancel --signal=TERM <job>` (every task of the job's steps on every
-# node, not the batch shell): srun answers a TERM of its own by SIGKILLing its tasks, which would
-# kill a save half-way. torchrun forwards the TERM and waits --shutdown-timeout for the workers.
+#   TERM: Slurm is ending the job (preemption, `scontrol requeue`, `scancel`) and sent the TERM to
+#        every process of the job, workers included; wait for their save and leave the rest to
+#        Slurm: it requeues a preempted or requeued job itself, and a cancelled job stays cancelled.
+# On USR1 the workers are asked with `scancel --signal=TERM <job>` (every task of the job's steps on
+# every node, not the batch shell), not through srun: srun answers a TERM of its own by SIGKILLing
+# its tasks, which would kill a save half-way. torchrun forwards the TERM to its workers and waits
+# --shutdown-timeout for them.
 run_on_nodes() {
     local entry=$1; shift
     local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -80,7 +81,9 @@ run_on_nodes() {
         local sig=$1
         trap '' USR1 TERM  # one stop at a time; a second signal must not interrupt the wait
         echo "$(date -u +%FT%TZ) SIG$sig: asking workers to save a checkpoint and exit" >&2
-        if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        if [[ "$sig" == TERM && -n "${SLURM_JOB_ID:-}" ]]; then
+            :  # Slurm sent the TERM to every process of the job: a second one would cut torchrun's wait short
+        elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
             scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
         elif [[ -n "$srun_pid" ]]; then
             kill -TERM "$srun_pid" 2>/dev/null || true
