@@ -83,7 +83,7 @@ class SlurmCluster:
                           ("slurmd", [_binary("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])):
             log = open(self.root / f"{name}.stdout", "w")
             self.daemons[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                                  start_new_session=True)
+                                                  cwd=self.root, start_new_session=True)
             if name == "slurmctld":
                 self._wait(lambda: self.scontrol("ping", check=False).find("UP") >= 0, timeout, "slurmctld up")
         self._wait(lambda: re.search(r"State=IDLE", self.scontrol("show", "node", self.node, check=False)),
@@ -146,7 +146,7 @@ class SlurmCluster:
     def cluster_processes(self, include_daemons: bool = False, job_id: int | None = None) -> list[int]:
         """Pids of live processes whose environment names this cluster's config: the jobs'
         shells, slurmstepd, srun, torchrun, workers (and the daemons themselves if asked);
-        with ``job_id``, only the processes of that job."""
+        with ``job_id``, only the processes of that job (its slurmstepd included)."""
         marker = f"SLURM_CONF={self.conf}".encode()
         job_marker = f"SLURM_JOB_ID={job_id}".encode()
         daemons = {p.pid for p in self.daemons.values()}
@@ -157,7 +157,11 @@ class SlurmCluster:
             try:
                 state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
                 environ = (entry / "environ").read_bytes().split(b"\0")
-                if state == "Z" or marker not in environ or (job_id is not None and job_marker not in environ):
+                if state == "Z" or marker not in environ:
+                    continue
+                # slurmstepd has the cluster's environment but not the job's: it names the job instead
+                if job_id is not None and job_marker not in environ and \
+                        not (entry / "cmdline").read_bytes().startswith(f"slurmstepd: [{job_id}.".encode()):
                     continue
             except OSError:
                 continue

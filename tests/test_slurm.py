@@ -148,20 +148,25 @@ def pretrain_jobs(slurm, clone, tmp_path_factory):
     rows = lambda: read_metrics(metrics) if metrics.exists() else []  # noqa: E731
     leftovers = {}
 
-    def wait_requeued(restarts):
-        info = slurm.wait_job(job, states=("PENDING", "RUNNING"), until=lambda j: j["Restarts"] == str(restarts),
-                              timeout=300)
-        slurm.wait_job(job, states=("PENDING", "RUNNING"), timeout=5)
-        leftovers[restarts] = slurm.cluster_processes(job_id=job) if info["JobState"] == "PENDING" else []
+    def wait_requeued(restarts, after):
+        def requeued():
+            info = slurm.job(job)
+            assert info["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), \
+                f"the job ended after {after} instead of being requeued: {info}"
+            return info["JobState"] in ("PENDING", "RUNNING") and info["Restarts"] == str(restarts)
+
+        _wait(requeued, 300, f"the job to be requeued after {after}")
+        # the old run's processes are gone before the next run starts (or none are found while it runs)
+        leftovers[restarts] = slurm.cluster_processes(job_id=job) if slurm.job(job)["JobState"] == "PENDING" else []
 
     _wait(lambda: len(rows()) >= 5, 600, "the job's first 5 iterations")
     slurm.scontrol("requeue", str(job))                                  # (b) preemption
-    wait_requeued(1)
+    wait_requeued(1, "scontrol requeue")
     k1 = rows()[-1]["iteration"]
     _wait(lambda: rows()[-1]["iteration"] >= k1 + 5, 600, "the requeued job to train")
     run_s = sum(int(x) * 60 ** i for i, x in enumerate(reversed(slurm.job(job)["RunTime"].split(":"))))
     slurm.scontrol("update", f"JobId={job}", f"TimeLimit={run_s // 60 + 2}")  # (c) USR1 within 30 s
-    wait_requeued(2)
+    wait_requeued(2, "the time-limit warning (train longer if it finished first)")
     slurm.scontrol("update", f"JobId={job}", "TimeLimit=30")              # the rerun may finish
     info = {name: slurm.wait_job(j, timeout=600) for name, j in (("ref", ref), ("job", job))}
     return {"slurm": slurm, "clone": clone, "tmp": tmp, "ids": {"ref": ref, "job": job}, "info": info,
