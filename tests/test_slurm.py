@@ -156,8 +156,14 @@ def pretrain_jobs(slurm, clone, tmp_path_factory):
             return info["JobState"] in ("PENDING", "RUNNING") and info["Restarts"] == str(restarts)
 
         _wait(requeued, 300, f"the job to be requeued after {after}")
-        # the old run's processes are gone before the next run starts (or none are found while it runs)
-        leftovers[restarts] = slurm.cluster_processes(job_id=job) if slurm.job(job)["JobState"] == "PENDING" else []
+        # the old run's processes (slurmstepd's clean-up may take a moment) end while the job is pending
+        old = set()
+        while slurm.job(job)["JobState"] == "PENDING":
+            old = set(slurm.cluster_processes(job_id=job))
+            if not old:
+                break
+            time.sleep(0.2)
+        leftovers[restarts] = [_cmdline(pid) for pid in sorted(old) if Path(f"/proc/{pid}").exists()]
 
     _wait(lambda: len(rows()) >= 5, 600, "the job's first 5 iterations")
     slurm.scontrol("requeue", str(job))                                  # (b) preemption
@@ -171,6 +177,13 @@ def pretrain_jobs(slurm, clone, tmp_path_factory):
     info = {name: slurm.wait_job(j, timeout=600) for name, j in (("ref", ref), ("job", job))}
     return {"slurm": slurm, "clone": clone, "tmp": tmp, "ids": {"ref": ref, "job": job}, "info": info,
             "leftovers": leftovers}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+    except OSError:
+        return f"{pid}: (gone)"
 
 
 def _node_log(runs, name):
