@@ -56,10 +56,17 @@ prepare_job_dirs() {
     mkdir -p "$LOG_DIR" "$SAVE_DIR"
 }
 
-# One torchrun per node through srun, running $REPO/ENTRY with the given flags. On the time-limit
-# warning (#SBATCH --signal=B:USR1@...) or preemption (SIGTERM): ask every worker to save and exit
-# (SIGTERM through srun -> torchrun -> workers), wait for the save, then put the job back in the
-# queue. A requeued job resumes from its own checkpoint directory.
+# One torchrun per node through srun, running $REPO/ENTRY with the given flags.
+# Stop signals reach the batch shell two ways:
+#   USR1 (#SBATCH --signal=B:USR1@...): the time limit is near. Ask the workers to save, wait for
+#        the save, then put the job back in the queue (REQUEUE=1, the default).
+#   TERM: Slurm is ending the job (preemption, `scontrol requeue`, `scancel`) and sent the TERM to
+#        every process of the job, workers included; wait for their save and leave the rest to
+#        Slurm: it requeues a preempted or requeued job itself, and a cancelled job stays cancelled.
+# On USR1 the workers are asked with `scancel --signal=TERM <job>` (every task of the job's steps on
+# every node, not the batch shell), not through srun: srun answers a TERM of its own by SIGKILLing
+# its tasks, which would kill a save half-way. torchrun forwards the TERM to its workers and waits
+# --shutdown-timeout for them.
 run_on_nodes() {
     local entry=$1; shift
     local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -71,15 +78,26 @@ run_on_nodes() {
 
     local srun_pid=""
     on_stop_signal() {
-        echo "$(date -u +%FT%TZ) stop signal: asking workers to save a checkpoint and exit" >&2
-        [[ -n "$srun_pid" ]] && kill -TERM "$srun_pid" 2>/dev/null || true
-        wait "$srun_pid" 2>/dev/null || true
-        if [[ -n "${SLURM_JOB_ID:-}" && "${REQUEUE:-1}" == 1 ]]; then
+        local sig=$1
+        trap '' USR1 TERM  # one stop at a time; a second signal must not interrupt the wait
+        echo "$(date -u +%FT%TZ) SIG$sig: asking workers to save a checkpoint and exit" >&2
+        if [[ "$sig" == TERM && -n "${SLURM_JOB_ID:-}" ]]; then
+            :  # Slurm sent the TERM to every process of the job: a second one would cut torchrun's wait short
+        elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+            scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true
+        elif [[ -n "$srun_pid" ]]; then
+            kill -TERM "$srun_pid" 2>/dev/null || true
+        fi
+        local rc=0
+        wait "$srun_pid" 2>/dev/null || rc=$?
+        echo "$(date -u +%FT%TZ) workers done (exit $rc)" >&2
+        if [[ "$sig" == USR1 && -n "${SLURM_JOB_ID:-}" && "${REQUEUE:-1}" == 1 ]]; then
             scontrol requeue "$SLURM_JOB_ID" && echo "requeued job $SLURM_JOB_ID" >&2
         fi
         exit 0
     }
-    trap on_stop_signal USR1 TERM
+    trap 'on_stop_signal USR1' USR1
+    trap 'on_stop_signal TERM' TERM
 
     echo "job $job_id: $nodes nodes x $gpus_per_node GPUs, $entry, recipe $RECIPE, logs in $LOG_DIR"
     srun --kill-on-bad-exit=1 --ntasks-per-node=1 --output="$LOG_DIR/%x-%j-node%n.log" \
