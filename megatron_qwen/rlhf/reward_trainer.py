@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from megatron_qwen.config import ConfigError, load_config, save_resolved, to_dict
 from megatron_qwen.rlhf import hf_model
+from megatron_qwen.runtime import device_check
 from megatron_qwen.rlhf.deepspeed_config import (device, ds_config_from_group, init_distributed,
                                                  init_train_engine)
 from megatron_qwen.rlhf.heads import gather_at
@@ -97,6 +98,7 @@ def _print0(*args) -> None:
 def train(cfg: RewardModelConfig) -> dict:
     """Run one reward-model training as configured; returns the summary (also saved as JSON)."""
     opt, ck = cfg.optim, cfg.checkpoint
+    device_check.use_gpu(bf16=cfg.deepspeed.bf16)  # a missing GPU fails before reading data
 
     tokenizer = load_rm_tokenizer(cfg.model.tokenizer_path, cfg.model.model_path)
     train_pairs = load_pairs(cfg.data.train_data_path, tokenizer, cfg.data.seq_length)
@@ -113,7 +115,7 @@ def train(cfg: RewardModelConfig) -> dict:
         total_steps = min(total_steps, opt.train_iters)
     dropped_per_epoch = len(train_pairs) - steps_per_epoch * opt.global_batch_size
 
-    init_distributed()  # after the data checks, so a bad input fails before any process group
+    init_distributed(cfg.deepspeed.bf16)  # after the data checks, so a bad input fails before any process group
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(opt.seed)
 
