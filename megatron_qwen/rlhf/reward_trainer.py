@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from megatron_qwen.config import ConfigError, load_config, save_resolved, to_dict
 from megatron_qwen.rlhf import hf_model
-from megatron_qwen.runtime import device_check
 from megatron_qwen.rlhf.deepspeed_config import (device, ds_config_from_group, init_distributed,
                                                  init_train_engine)
 from megatron_qwen.rlhf.heads import gather_at
@@ -29,6 +28,7 @@ from megatron_qwen.data.preference import PreferenceDataset, collate_pairs
 from megatron_qwen.rlhf.reward_data import epoch_order, eval_shard, step_micro_batches
 from megatron_qwen.rlhf.reward_logging import MetricsLogger
 from megatron_qwen.rlhf.reward_pairs import data_report, load_pairs, load_rm_tokenizer
+from megatron_qwen.runtime import device_check
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def train(cfg: RewardModelConfig) -> dict:
         total_steps = min(total_steps, opt.train_iters)
     dropped_per_epoch = len(train_pairs) - steps_per_epoch * opt.global_batch_size
 
-    init_distributed(cfg.deepspeed.bf16)  # after the data checks, so a bad input fails before any process group
+    init_distributed(cfg.deepspeed.bf16)  # after the data checks: a bad input fails before any group
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(opt.seed)
 

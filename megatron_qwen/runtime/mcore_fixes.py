@@ -85,8 +85,8 @@ def _own_step_tensor_per_parameter(load_state_dict):
 
 def _skip_step_in_parameter_copy(set_states):
     """``DistributedOptimizer._set_main_param_and_optimizer_states`` (0.16.1 l.940) copies every
-    key of the AdamW state from the loaded tensors, but the loaders
-    (``load_parameter_state_from_fully_reshardable`` and the others) leave out ``step``, which
+    key of the AdamW state from the loaded tensors, but
+    ``load_parameter_state_from_fully_reshardable`` leaves out ``step``, which
     ``load_state_dict`` already set from the param groups: KeyError 'step' on every resume. Copy
     the other keys; ``step`` stays as loaded."""
 
