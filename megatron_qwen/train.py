@@ -21,7 +21,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from megatron_qwen.training.loop import TrainingStopped, train
 
     try:
-        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        init_distributed(cfg.parallel, seed=cfg.train.seed, bf16=cfg.optim.bf16)
         cfg.check_world(torch.distributed.get_world_size())
         train(cfg)
     except ConfigError as exc:  # one line, exit status 2 (as for a bad flag)

@@ -1,5 +1,8 @@
-"""The CPU runtime: cpu_compat's redirect of megatron-core's CUDA calls, and init_distributed."""
+"""The runtime layer: cpu_compat's redirect of megatron-core's CUDA calls, the megatron-core fixes
+(runtime.mcore_fixes, on every device), and init_distributed."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -7,6 +10,7 @@ import textwrap
 import torch
 
 from megatron_qwen.runtime import cpu_compat
+from tests.dist import REPO
 
 
 def test_install_is_a_no_op_when_cuda_is_available():
@@ -90,3 +94,52 @@ def test_init_distributed_single_process_and_destroy():
     if not was_initialised:
         destroy()
         assert not torch.distributed.is_initialized() and not ps.model_parallel_is_initialized()
+
+
+def test_megatron_core_fixes_work_without_the_cpu_redirect(tmp_path):
+    """Stock megatron-core 0.16.1 (only cpu_compat installed) cannot resume its distributed
+    optimizer on torch AdamW; runtime.mcore_fixes alone makes a save/load round trip exact."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests/scripts/mcore_fixes_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["stock_fresh"].startswith("AssertionError")  # state_dict() over an empty AdamW
+    assert result["stock_stepped"] == "KeyError: 'step'"  # _set_main_param_and_optimizer_states
+    assert result["applied"] and result["applied_again"]
+    assert result["loaded_steps"] == [2.0] and result["own_step_tensors"] and result["moments_equal"]
+    assert result["steps_after"] == [4.0]  # one increment per step, not one per parameter
+    assert result["params_equal"]  # the resumed optimizer steps exactly like the saved one
+
+
+def test_init_distributed_applies_megatron_core_fixes_on_a_gpu_node():
+    """Where torch reports a GPU the CPU redirect stays off, and the megatron-core fixes are
+    applied all the same (before the process group: here NCCL setup then fails on this CPU)."""
+    script = textwrap.dedent("""
+        import torch
+        torch.cuda.is_available = lambda: True
+        from megatron_qwen.config import ParallelConfig
+        from megatron_qwen.runtime import cpu_compat, init_distributed, mcore_fixes
+        try:
+            init_distributed(ParallelConfig())
+        except Exception:
+            pass  # no real GPU behind the claim
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        assert mcore_fixes.is_applied() and not cpu_compat.is_installed()
+        assert all(getattr(getattr(DistributedOptimizer, name), "__megatron_qwen_fix__", False)
+                   for name in mcore_fixes._FIXES)
+        print("FIXED")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env={**env, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "FIXED" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_fixes_are_only_for_the_megatron_core_versions_read():
+    from packaging.version import Version
+
+    from megatron_qwen.runtime import mcore_fixes
+
+    assert mcore_fixes.is_affected(Version("0.16.1"))
+    assert not mcore_fixes.is_affected(Version("0.17.0")) and not mcore_fixes.is_affected(Version("0.15.3"))

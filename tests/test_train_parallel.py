@@ -1,7 +1,8 @@
 """The trainer's parallel layouts and checkpoint resumption against a single-process run.
 
-One single-process launch (tests/scripts/train_single.py) and one 2-process gloo launch
-(tests/scripts/train_parallel.py) produce per-iteration metrics; the tests compare them.
+One single-process launch (tests/scripts/train_single.py), one 2-process and one 4-process gloo
+launch (tests/scripts/train_parallel.py: TP2 x PP2, TP2 x DP2 with sequence parallelism) produce
+per-iteration metrics; the tests compare them.
 Tiny model (`tiny_vocab`: 4 layers, hidden 64, vocab 1000), seq 64, global batch 8, 20 steps, on
 real English (Python's docs, Qwen-tokenized, ids folded into the toy vocabulary).
 """
@@ -35,6 +36,8 @@ def runs(tmp_path_factory):
     single_log = proc.stdout
     parallel_log = run_torchrun(REPO / "tests/scripts/train_parallel.py", str(out), data,
                                 str(out / "init_ckpt"), str(out / "stop_ckpt"), timeout=900)
+    parallel_log += run_torchrun(REPO / "tests/scripts/train_parallel.py", str(out), data,
+                                 str(out / "init_ckpt"), str(out / "stop_ckpt"), nproc=4, timeout=900)
     return out, single_log, parallel_log
 
 
@@ -44,7 +47,7 @@ def _close(ref: dict, other: dict, what: str):
         assert abs(loss - ref[it]) <= TOL * ref[it], f"{what}: iteration {it} loss {loss} vs single {ref[it]}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "pp2vpp2", "dp2overlap"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "pp2vpp2", "dp2overlap", "tp2pp2", "tp2dp2sp"])
 def test_parallel_loss_curve_matches_single_process(runs, layout):
     out, _, _ = runs
     ref = losses(out / "ref.jsonl")
@@ -81,7 +84,7 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(runs):
     assert (out / "resume_ckpt" / "iter_0000020" / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2"])
 def test_resume_at_another_layout(runs, layout):
     out, _, log = runs
     ref = losses(out / "ref.jsonl")

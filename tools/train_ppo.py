@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     from megatron_qwen.rlhf.ppo.ptx import PtxError
     from megatron_qwen.rlhf.ppo.trainer import PPOTrainer
 
-    init_distributed()
     try:
+        init_distributed(cfg.engines.bf16)  # a missing GPU where one is expected: one line
         trainer = PPOTrainer(cfg)
         trainer.fit()
     except (ConfigError, PromptError, PtxError, CheckpointError, FileNotFoundError) as exc:

@@ -154,12 +154,18 @@ class PretrainingSampler:
 
 
 def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                        dp_size: int, num_workers: int = 0) -> Optional[Iterator[dict]]:
-    """An iterator of micro-batches (dicts of tensors) for this data-parallel rank."""
+                        dp_size: int, num_workers: int = 0, seed: int = 0) -> Optional[Iterator[dict]]:
+    """An iterator of micro-batches (dicts of tensors) for this data-parallel rank.
+
+    The loader draws its workers' base seed from its own generator (seeded with ``seed``), not
+    from torch's default one: starting an iterator must not move the RNG that dropout uses, or a
+    resumed run (which starts its iterator after restoring the RNG) would differ from an
+    uninterrupted one from its first step."""
     if dataset is None or len(dataset) == 0:
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=num_workers > 0)
+                                         persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(seed))
     return iter(loader)

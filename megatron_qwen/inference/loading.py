@@ -106,8 +106,10 @@ def load_model(
 
     from megatron_qwen.checkpoint.mcore_io import load_model_weights
     from megatron_qwen.model import build_model
-    from megatron_qwen.runtime import init_distributed
+    from megatron_qwen.runtime import device_check, init_distributed
 
+    bf16 = params_dtype == torch.bfloat16
+    device_check.use_gpu(bf16=bf16)  # before reading the checkpoint: a missing GPU fails first
     parallel_cfg = parallel_cfg or ParallelConfig()
     model_cfg = checkpoint_model_config(load)
     shape_fields = {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -130,7 +132,7 @@ def load_model(
     model_cfg = dataclasses.replace(model_cfg, **model_overrides, attention_backend=backend)
     model_cfg.validate()
     if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
-        init_distributed(parallel_cfg)
+        init_distributed(parallel_cfg, bf16=bf16)
     chunks = build_model(model_cfg, parallel_cfg, params_dtype)
     load_model_weights(chunks, load)
     for chunk in chunks:

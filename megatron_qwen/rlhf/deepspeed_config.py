@@ -113,8 +113,12 @@ def ds_config_from_group(group: DeepSpeedConfig, *, micro_batch_size: int, globa
 # --------------------------------------------------------------------------- processes
 
 
-def init_distributed() -> None:
-    """Join (or start, for a bare ``python`` run) the process group: nccl with a GPU, else gloo."""
+def init_distributed(bf16: bool = False) -> None:
+    """Join (or start, for a bare ``python`` run) the process group: nccl with a GPU, else gloo
+    (only where no GPU is expected: ``runtime.device_check``; ``bf16`` expects one)."""
+    from megatron_qwen.runtime import device_check
+
+    device_check.use_gpu(bf16=bf16)
     import deepspeed
     import torch.distributed as dist
 

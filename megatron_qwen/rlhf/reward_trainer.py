@@ -28,6 +28,7 @@ from megatron_qwen.data.preference import PreferenceDataset, collate_pairs
 from megatron_qwen.rlhf.reward_data import epoch_order, eval_shard, step_micro_batches
 from megatron_qwen.rlhf.reward_logging import MetricsLogger
 from megatron_qwen.rlhf.reward_pairs import data_report, load_pairs, load_rm_tokenizer
+from megatron_qwen.runtime import device_check
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
@@ -91,6 +92,7 @@ def _print0(*args) -> None:
 def train(cfg: RewardModelConfig) -> dict:
     """Run one reward-model training as configured; returns the summary (also saved as JSON)."""
     opt, ck = cfg.optim, cfg.checkpoint
+    device_check.use_gpu(bf16=cfg.deepspeed.bf16)  # a missing GPU fails before reading data
 
     tokenizer = load_rm_tokenizer(cfg.model.tokenizer_path, cfg.model.model_path)
     train_pairs = load_pairs(cfg.data.train_data_path, tokenizer, cfg.data.seq_length)
@@ -107,7 +109,7 @@ def train(cfg: RewardModelConfig) -> dict:
         total_steps = min(total_steps, opt.train_iters)
     dropped_per_epoch = len(train_pairs) - steps_per_epoch * opt.global_batch_size
 
-    init_distributed()  # after the data checks, so a bad input fails before any process group
+    init_distributed(cfg.deepspeed.bf16)  # after the data checks: a bad input fails before any group
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(opt.seed)
 

@@ -3,12 +3,12 @@
 megatron-core hard-codes CUDA in a few dozen calls (factories with ``device='cuda'``,
 ``torch.cuda.current_device()``, the CUDA RNG tracker, streams and events, ``Tensor.type()``
 string checks). ``install()`` redirects exactly those to the CPU. It is a no-op when
-``torch.cuda.is_available()``, so a GPU run never touches any of it, and it is idempotent.
+``torch.cuda.is_available()``, so a GPU run never touches any of it, and it is idempotent. Whether
+a process may run on CPU at all is decided before, by ``runtime.device_check``.
 
-Two more patches fix megatron-core's distributed optimizer on the torch-AdamW fallback it uses
-without TransformerEngine/Apex (always the case on CPU), so torch_dist checkpoints of the optimizer
-save and reload exactly. Every patch below names the megatron-core call that needs it. Nothing here
-changes numerics: CPU tensors stay CPU tensors, collectives go through gloo.
+Every patch below names the megatron-core call that needs it. Nothing here changes numerics: CPU
+tensors stay CPU tensors, collectives go through gloo. (Fixes for megatron-core's own bugs, which
+apply on every device, are in ``runtime.mcore_fixes``.)
 """
 
 from __future__ import annotations
@@ -147,7 +147,6 @@ def install() -> bool:
     if _installed:
         return True
     # Import first: if megatron-core is missing nothing is patched.
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as mc_random
 
     cuda = torch.cuda
@@ -199,47 +198,6 @@ def install() -> bool:
     # generator *is* the CPU generator, so that warning would fire on every dropout call.
     logging.getLogger(mc_random.__name__).addFilter(_drop_cpu_rng_warning)
 
-    # optimizer/distrib_optimizer.py: without TE/Apex (always so on CPU) the distributed optimizer
-    # wraps torch.optim.AdamW, whose state is empty until the first step, and
-    # DistributedOptimizer.state_dict() (used by sharded_state_dict for torch_dist save/load)
-    # asserts on the 'step' of that state. Give an untouched AdamW its zero state (what step 0
-    # means) so a checkpoint can be loaded into, or saved from, a fresh optimizer.
-    DistributedOptimizer.state_dict = _with_zero_adam_state(DistributedOptimizer.state_dict)
-    # Same path, DistributedOptimizer.load_state_dict: it gives every parameter's AdamW state one
-    # shared 'step' tensor (AdamW then increments it once per parameter) and the dp_reshardable
-    # parameter-state copy overwrites it with the template's step. Restore an own step tensor per
-    # parameter from the checkpoint's param_groups, which hold the true step.
-    DistributedOptimizer.load_state_dict = _with_own_step_tensors(DistributedOptimizer.load_state_dict)
-
     _installed = True
     return True
 
-
-def _with_own_step_tensors(load_state_dict):
-    @functools.wraps(load_state_dict)
-    def wrapped(self, state_dict):
-        load_state_dict(self, state_dict)
-        groups = state_dict.get("optimizer", {}).get("param_groups", [])
-        steps = {g["step"] for g in groups if g.get("step") is not None}
-        if len(steps) == 1 and isinstance(self.optimizer, torch.optim.Adam | torch.optim.AdamW):
-            step = float(steps.pop())
-            for state in self.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = torch.tensor(step)
-
-    return wrapped
-
-
-def _with_zero_adam_state(state_dict):
-    @functools.wraps(state_dict)
-    def wrapped(self):
-        inner = self.optimizer
-        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    if not inner.state[p]:
-                        inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                              exp_avg_sq=torch.zeros_like(p))
-        return state_dict(self)
-
-    return wrapped

@@ -13,15 +13,17 @@ import numpy as np
 import torch
 
 from megatron_qwen.config import ConfigError, ParallelConfig
-from megatron_qwen.runtime import cpu_compat
+from megatron_qwen.runtime import cpu_compat, device_check, mcore_fixes
 
 
 @contextlib.contextmanager
 def world_of_one(model_parallel: bool = False):
     """A throwaway one-process gloo group for single-process tools and tests (megatron-core's
     checkpointing and datasets ask torch.distributed for ranks); the existing group, untouched,
-    when one is initialised. ``model_parallel`` also sets up TP=PP=1 groups for model building."""
+    when one is initialised. ``model_parallel`` also sets up TP=PP=1 groups for model building.
+    Device-agnostic work only (checkpoint conversion, shape counts): no GPU is asked for."""
     cpu_compat.install()
+    mcore_fixes.apply()
     if torch.distributed.is_initialized():
         yield
         return
@@ -98,12 +100,17 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def init_distributed(parallel_cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
+def init_distributed(parallel_cfg: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30,
+                     bf16: bool = False) -> None:
     """Initialise torch.distributed (nccl on GPU, gloo on CPU; a single process works too),
-    megatron-core's model-parallel groups and the RNG seeds. Call once, before building a model."""
+    megatron-core's model-parallel groups and the RNG seeds. Call once, before building a model.
+    ``bf16``: the run asks for BF16, so a GPU is expected (``device_check``)."""
     parallel_cfg.validate()
-    if not torch.cuda.is_available():
+    mcore_fixes.apply()  # megatron-core's own bugs: every device
+    if not device_check.use_gpu(bf16=bf16):  # raises when a GPU was expected and is missing
         cpu_compat.install()  # before megatron-core allocates anything
+        if bf16 and os.environ.get("RANK", "0") == "0":
+            print(f"{device_check.DEVICE_ENV}=cpu: --bf16 runs in FP32 on CPU", flush=True)
     _init_process_group(timeout_minutes)
     check_world(parallel_cfg, torch.distributed.get_world_size())
 

@@ -255,7 +255,8 @@ class Trainer:
 
         n = len(self.model)
         its = [build_data_iterator(dataset, consumed, self.cfg.train.micro_batch_size, self.dp_rank,
-                                   self.dp, self.cfg.data.num_workers) for _ in range(n)]
+                                   self.dp, self.cfg.data.num_workers, seed=self.cfg.train.seed)
+               for _ in range(n)]
         return its[0] if n == 1 else its
 
     # -- one optimizer step

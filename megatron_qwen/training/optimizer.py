@@ -15,6 +15,8 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_qwen.runtime import mcore_fixes
+
 
 def optimizer_config(cfg, use_bf16: bool) -> OptimizerConfig:
     o = cfg.optim
@@ -66,6 +68,7 @@ def build_scheduler(cfg, optimizer) -> OptimizerParamScheduler:
 
 def build_optimizer(cfg, model_chunks, use_bf16: bool):
     """(MegatronOptimizer, OptimizerParamScheduler) for the DDP-wrapped ``model_chunks``."""
+    mcore_fixes.apply()  # the distributed optimizer's checkpoint bugs, whoever built the groups
     optimizer = get_megatron_optimizer(optimizer_config(cfg, use_bf16), model_chunks)
     return optimizer, build_scheduler(cfg, optimizer)
 

@@ -3,8 +3,10 @@
 argv: OUT_DIR DATA_PREFIX INIT_CKPT RESUME_CKPT [RUN_NAME ...]. Every run starts from INIT_CKPT's weights
 (--finetune: fresh optimizer, iteration 0) so that each layout starts from the same model;
 the resume runs continue RESUME_CKPT (a single-process run stopped at iteration 10) at a new layout.
+Launched with 2 processes it runs LAYOUTS, with 4 the combined layouts of LAYOUTS_4.
 """
 
+import os
 import sys
 
 import torch
@@ -33,10 +35,19 @@ def main():
         "dp2overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
                        "--save", f"{out}/overlap_ckpt"],
     }
-    runs = [(name, flags + ["--load", init_ckpt, "--finetune"]) for name, flags in LAYOUTS.items()]
-    # resume the single-process checkpoint (plain optimizer) at other layouts
-    resume = {"tp2": LAYOUTS["tp2"], "pp2": LAYOUTS["pp2"], "dp2": []}
-    runs += [(f"resume_{name}", flags + ["--load", resume_ckpt]) for name, flags in resume.items()]
+    # 4 processes: TP x PP and TP x DP (with sequence parallelism and the distributed optimizer)
+    LAYOUTS_4 = {
+        "tp2pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+        "tp2dp2sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"],
+    }
+    # and resume the single-process checkpoint (plain optimizer) at other layouts
+    if int(os.environ["WORLD_SIZE"]) == 4:
+        runs = [(name, flags + ["--load", init_ckpt, "--finetune"]) for name, flags in LAYOUTS_4.items()]
+        runs += [("resume_tp2pp2", LAYOUTS_4["tp2pp2"] + ["--load", resume_ckpt])]
+    else:
+        runs = [(name, flags + ["--load", init_ckpt, "--finetune"]) for name, flags in LAYOUTS.items()]
+        resume = {"tp2": LAYOUTS["tp2"], "pp2": LAYOUTS["pp2"], "dp2": []}
+        runs += [(f"resume_{name}", flags + ["--load", resume_ckpt]) for name, flags in resume.items()]
 
     only = set(sys.argv[5:])  # optional: run only these (debugging)
     for name, flags in runs:

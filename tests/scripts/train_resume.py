@@ -1,0 +1,64 @@
+"""Worker for tests/test_train_resume.py: stop-and-resume runs against uninterrupted ones.
+
+argv: OUT_DIR DATA_PREFIX [RUN_NAME ...]. One torchrun launch (2 gloo processes), the runs in
+turn; each writes OUT_DIR/NAME.jsonl. For every layout L: ``ref_L`` trains ITERS iterations,
+``stop_L`` the same flags saving to ckpt_L/ and leaving at STOP (--exit-interval), ``resume_L``
+the same flags loading ckpt_L/. ``A_at_B`` loads ckpt_A/ at layout B. The ``dist_*`` layouts use the
+distributed optimizer (``dist_pp2vpp2``: two virtual stages per rank, interleaved 1F1B);
+``drop_tp2`` has dropout 0.1 (hidden and attention) at TP=2.
+"""
+
+import sys
+
+import torch
+
+from megatron_qwen.config import load_config
+from megatron_qwen.runtime import destroy, init_distributed
+from megatron_qwen.training.config import PretrainConfig
+from megatron_qwen.training.loop import train
+
+ITERS, STOP = 6, 3
+DIST = ["--use-distributed-optimizer"]
+LAYOUTS = {
+    "dist_tp2": DIST + ["--tensor-model-parallel-size", "2"],
+    "dist_dp2": DIST,
+    "dist_pp2": DIST + ["--pipeline-model-parallel-size", "2"],
+    "dist_pp2vpp2": DIST + ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+    "drop_tp2": ["--tensor-model-parallel-size", "2", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"],
+}
+LAYOUT_CHANGES = [("dist_tp2", "dist_dp2"), ("dist_dp2", "dist_pp2")]
+
+
+def runs(out: str) -> dict:
+    table = {}
+    for name, flags in LAYOUTS.items():
+        ckpt = f"{out}/ckpt_{name}"
+        table[f"ref_{name}"] = flags
+        table[f"stop_{name}"] = flags + ["--save", ckpt, "--exit-interval", str(STOP)]
+        table[f"resume_{name}"] = flags + ["--load", ckpt]
+    for saved, loaded in LAYOUT_CHANGES:
+        table[f"{saved}_at_{loaded}"] = LAYOUTS[loaded] + ["--load", f"{out}/ckpt_{saved}"]
+    return table
+
+
+def main():
+    out, data = sys.argv[1:3]
+    common = ["--model.preset", "tiny_vocab", "--data-path", data, "--data-cache-path", f"{out}/cache",
+              "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(ITERS),
+              "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--log-interval", "1",
+              "--num-workers", "0", "--seed", "7", "--no-exit-signal-handler", "--eod-id", "999"]
+    only = set(sys.argv[3:])  # optional: run only these (debugging)
+    for name, flags in runs(out).items():
+        if only and name not in only:
+            continue
+        cfg = load_config(PretrainConfig, common + flags + ["--metrics-file", f"{out}/{name}.jsonl"])
+        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        train(cfg)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            print(f"done {name}", flush=True)
+    destroy()
+
+
+if __name__ == "__main__":  # dist_checkpointing spawns helper processes that re-import this file
+    main()
