@@ -48,6 +48,8 @@ class PreprocessConfig:
             raise ConfigError("preprocess.output_prefix: give --output-prefix PREFIX")
         if not self.json_keys:
             raise ConfigError("preprocess.json_keys: give at least one key (--json-keys text)")
+        if len(set(self.json_keys)) < len(self.json_keys):
+            raise ConfigError(f"preprocess.json_keys={self.json_keys}: a key is repeated")
 
 
 def output_paths(prefix: str, key: str) -> tuple:
