@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rule-based quality filters (Gopher/C4 style, CJK-aware), each removal counted per rule.
+"""Rule-based quality filters (Gopher's rules, CJK-aware), each removal counted per rule.
 
     python tools/filter.py --input text.jsonl --output good.jsonl --rejected bad.jsonl \
         --min-words 50 --disable top_ngram --workers 8

@@ -9,8 +9,9 @@ to shard files beside the output and send back only the lengths; the driver spli
 in with an in-kernel copy, so on a small machine it does not take CPU from the workers (Ray
 tasks may run on other machines: their arrays travel through the object store).
 
-One document is one sequence; with ``append_eod`` it ends with ``<|endoftext|>``. Token ids are
-int32 (the Qwen vocabulary does not fit uint16). Each key's documents are written in the same
+One document is one sequence; with ``append_eod`` it ends with ``<|endoftext|>``. Token ids take
+megatron-core's ``DType.optimal_dtype(vocab_size)``: uint16 below 65,500 ids, else int32 (the
+Qwen vocabulary). Each key's documents are written in the same
 order, so they align across keys; a record missing any key is skipped (and counted) for all keys.
 """
 

@@ -3,8 +3,8 @@
 Every corpus tool (extract, filter, decontaminate, dedup, preprocess) is the same job: read JSONL
 files in order, do something per document, write results in the same order. This module is that
 job, so all tools share the flags ``--input --workers --ray --strict --max-doc-bytes
---chunk-bytes --summary --no-progress`` (the ``job`` config group), the progress bar, the summary
-and atomic output.
+--chunk-bytes --summary --no-progress`` (the ``job`` config group), the progress bar, the summary,
+the checks of output paths (``check_job_paths``) and the one-commit output (``atomic_paths``).
 
 The API, small on purpose:
 
@@ -20,15 +20,22 @@ The API, small on purpose:
     For tools that keep, rewrite or drop records: ``decide(doc)`` returns the record to write
     (the same dict or a new one) or a :class:`Remove` with the reason. Kept records go to
     ``output``, removed ones (with ``"_rejected": {reason, detail, source}``) to ``rejected``;
-    removals are counted per reason in ``summary.removed``. Both files appear atomically.
+    removals are counted per reason in ``summary.removed``. Both files appear in one commit.
 
 ``atomic_paths(*paths)``
-    Context manager yielding temporary paths beside ``paths``; renamed over them only if the
-    block succeeds, removed otherwise (a crashed or interrupted run never leaves half a file).
+    Context manager yielding temporary paths beside ``paths``; all renamed over them as one
+    commit if the block succeeds (a failed rename rolls back the ones done), removed otherwise
+    (a failed or interrupted run never leaves half a file, nor a new file beside an old one).
+
+``check_job_paths(job, outputs, inputs)``
+    For a tool's top-level ``validate()``: outputs that are directories, under a file, in a
+    directory that takes no new files, or the same file as an input or another output are a
+    one-line ``ConfigError`` before any work.
 
 ``parse_args(ConfigCls, argv)`` / ``run_cli(main)``
     The config loader with list flags (``--input a b``, ``--benchmark x --benchmark y``), and the
-    wrapper that turns a :class:`~.jsonl.CorpusError` into one line on stderr and exit status 1.
+    wrapper that turns a :class:`~.jsonl.CorpusError` (and an OSError, MemoryError or
+    ImportError: the environment, not a document) into one line on stderr and exit status 1.
 
 Ray: ``--ray local`` starts a local runtime with ``--workers`` CPUs (no dashboard) and stops it at
 the end; ``--ray auto`` or ``--ray HOST:PORT`` joins an existing cluster, whose workers must have
