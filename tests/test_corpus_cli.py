@@ -85,6 +85,14 @@ def test_bad_outputs_and_broken_inputs_are_one_line_for_every_tool(tmp_path):
             expect.append((tool, str(broken), says, False))
     cases.append(("filter", ["--input", src, "--output", work / "old.jsonl", "--rejected", outdir, "--no-progress"]))
     expect.append(("filter --rejected", str(outdir), "filter.rejected: ", True))
+    # an empty corpus: megatron-core cannot read an empty .bin (before: the files were written,
+    # and reading them gave a ValueError and two AttributeError tracebacks)
+    for i, text in enumerate(["", "\n  \n{oops\n"]):
+        (work / f"empty{i}.jsonl").write_text(text)
+        before[work / f"empty{i}.jsonl"] = text.encode()
+        cases.append(("preprocess_data", ["--input", work / f"empty{i}.jsonl", "--output-prefix", work / "pe",
+                                          "--no-progress"]))
+        expect.append(("preprocess_data empty", str(work / f"empty{i}.jsonl"), "no usable record", False))
 
     for (tool, path, says, first), result in zip(expect, _cli_cases(cases, tmp_path)):
         lines = [ln for ln in result["output"].splitlines() if not ln.startswith(("benchmark ", "corpus: "))]

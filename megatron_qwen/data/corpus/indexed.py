@@ -29,7 +29,7 @@ import numpy as np
 
 from megatron_qwen.config import ConfigError
 from megatron_qwen.tokenizer import load_tokenizer
-from megatron_qwen.data.corpus.jsonl import ReadOptions
+from megatron_qwen.data.corpus.jsonl import CorpusError, ReadOptions
 from megatron_qwen.data.corpus.runner import JobConfig, Summary, atomic_paths, map_chunks
 
 
@@ -175,6 +175,10 @@ def build_indexed_dataset(cfg: PreprocessConfig, job: JobConfig, summary: Summar
                     tokens += int(lengths.sum())
                 summary.tick(tokens=tokens)
             summary.kept = summary.docs
+            if not summary.docs:  # megatron-core cannot mmap an empty .bin: refuse to write one
+                raise CorpusError(f"{', '.join(job.input)}: no usable record ({summary.skips.total} lines "
+                                  f"skipped: {dict(summary.skips.counts) or 'the input is empty'}); an empty "
+                                  f"dataset cannot be read by megatron-core, so none was written")
             for i, key in enumerate(cfg.json_keys):
                 builders[key].finalize(tmps[2 * i + 1])
     return {key: f"{cfg.output_prefix}_{key}_document" for key in cfg.json_keys}
