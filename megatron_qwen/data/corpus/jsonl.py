@@ -313,22 +313,23 @@ def duplicate_key(raw: bytes, record) -> Optional[str]:
     more. Only an escaped colon (``\\u003a``) breaks the count: then, as for naming the key,
     the line is parsed again with a hook that sees every pair.
     """
-    if b"\\u003a" not in raw and b"\\u003A" not in raw:
-        keys = colons = 0
-        stack = [record]
-        while stack:
-            v = stack.pop()
-            if isinstance(v, str):
-                colons += v.count(":")
-            elif isinstance(v, dict):
-                keys += len(v)
-                for k, x in v.items():
-                    colons += k.count(":")
-                    stack.append(x)
-            elif isinstance(v, list):
-                stack.extend(v)
-        if raw.count(b":") == keys + colons:
-            return None
+    keys, texts, stack = 0, [], [record]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            texts.append(v)
+        elif isinstance(v, dict):
+            keys += len(v)
+            texts.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    raw_colons = raw.count(b":")
+    if raw_colons == keys:  # colons >= pairs written >= distinct keys: no string colon, no repeat
+        return None
+    escaped = b"\\u003" in raw and (b"\\u003a" in raw or b"\\u003A" in raw)
+    if not escaped and raw_colons == keys + sum(t.count(":") for t in texts):
+        return None
     found: list = []
 
     def pairs(items: list) -> dict:
