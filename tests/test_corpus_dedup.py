@@ -349,11 +349,14 @@ def test_the_same_file_given_twice_is_refused(tmp_path, method):
     src.write_text('{"text": "one document about dedup"}\n{"text": "another one, different"}\n')
     (tmp_path / "link.jsonl").symlink_to(src)
     os.link(src, tmp_path / "hard.jsonl")
-    for again in (src, tmp_path / "link.jsonl", tmp_path / "hard.jsonl", f"{tmp_path}/./in.jsonl"):
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / "dedup.py"), "--method", method,
-                               "--input", str(src), str(again), "--output", str(tmp_path / "out.jsonl"),
-                               "--no-progress"], capture_output=True, text=True, cwd=REPO)
-        assert proc.returncode == 1
-        assert proc.stderr.strip() == (f"error: job.input: {again} is given twice (as input 1 and 2; "
-                                       f"dedup identifies records by file and line)")
+    message = "error: job.input: {} is given twice (as input 1 and 2; dedup identifies records by file and line)"
+    for again in (tmp_path / "link.jsonl", tmp_path / "hard.jsonl", f"{tmp_path}/./in.jsonl"):
+        with pytest.raises(SystemExit) as err:
+            parse_args(dedup.DedupToolConfig, ["--method", method, "--input", str(src), str(again),
+                                               "--output", str(tmp_path / "out.jsonl")])
+        assert str(err.value) == message.format(again)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "dedup.py"), "--method", method, "--input",
+                           str(src), str(src), "--output", str(tmp_path / "out.jsonl"), "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr.strip() == message.format(src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.jsonl", "in.jsonl", "link.jsonl"]
