@@ -121,3 +121,21 @@ def test_tool_reports_removals_per_benchmark(benchmarks, tmp_path):
     assert s["removed"] == {"benchmark:math": 2, "benchmark:zh": 1}
     hits = {json.loads(x)["id"]: json.loads(x)["_rejected"] for x in rej.read_text().splitlines()}
     assert hits[3]["reason"] == "benchmark:zh" and hits[3]["source"] == f"{src}:3"
+
+
+def test_texts_that_are_not_text_are_skipped_as_wrong_type(benchmarks, tmp_path):
+    # before: an int, a float or a list of numbers was "checked" (no string, no overlap) and kept
+    math, _ = benchmarks
+    rows = [{"id": 1, "text": 7}, {"id": 2, "text": 2.5}, {"id": 3, "text": [1, 2]}, {"id": 4, "text": True},
+            {"id": 5, "text": None}, {"id": 6, "text": []},
+            {"id": 7, "text": [{"role": "user", "content": "a chat turn"}]}, {"id": 8, "text": "plain text"}]
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    out, summary = tmp_path / "out.jsonl", tmp_path / "s.json"
+    main = runpy.run_path(str(REPO / "tools" / "decontaminate.py"), run_name="tool")["main"]
+    main(["--input", str(src), "--output", str(out), "--benchmark", f"math={math}", "--benchmark-key", "question",
+          "--summary", str(summary), "--no-progress"])
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [7, 8]
+    s = json.loads(summary.read_text())
+    assert s["skipped"] == {"wrong_type": 4, "null_field": 1, "empty_text": 1}
+    assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in s["skipped_at"]["wrong_type"]] == ["1", "2", "3", "4"]
+    assert s["skipped_at"]["wrong_type"][2].endswith("('text' is a list holding no string)")

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from megatron_qwen.data.corpus.jsonl import CorpusError
 from megatron_qwen.data.corpus.runner import parse_args
 
 WORDS_5 = minhash.ShingleSpec("words", ngram=5)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +296,9 @@ def test_bad_input_is_counted_and_strict_stops(tmp_path):
         assert kept == [good]
         assert len(report) == 1 and report[0]["line"] == 9 and report[0]["duplicate_of"]["line"] == 1
         assert dict(summary.skips.counts) == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1,
-                                              "wrong_type": 1, "empty_text": 1, "too_large": 1, "invalid_utf8": 1}
-        assert summary.docs == 2
+                                              "wrong_type": 1, "empty_text": 1, "too_large": 1, "invalid_utf8": 1,
+                                              "blank": 1}
+        assert summary.docs == 2 and summary.kept + sum(summary.removed.values()) + summary.skips.total == 10
         assert [p.split(": ")[0][-10:] for p in summary.skips.places["wrong_type"]] == ["in.jsonl:6"]
         with pytest.raises(CorpusError, match=r"in\.jsonl:2: not valid JSON"):
             _run(tmp_path, [], "--method", method, "--strict", name=method + "-strict")
@@ -328,8 +334,29 @@ def test_config_errors_are_one_line(tmp_path):
                            (["--bands", "20", "--rows", "10"], "exceeds num_perm=128"),
                            (["--method", "fuzzy"], "choose exact or minhash"),
                            (["--threshold", "1.5"], "between 0 and 1"),
-                           (["--report", str(tmp_path / "o")], "must be different files")):
+                           (["--report", str(tmp_path / "o")], "dedup.report: .* is the same file as dedup.output")):
         with pytest.raises(SystemExit, match=message):
             parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(tmp_path / "o"), *flags])
-    with pytest.raises(SystemExit, match="both an input and an output"):
+    with pytest.raises(SystemExit, match=r"dedup.output: .* is the same file as job.input\[0\]"):
         parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(src)])
+
+
+@pytest.mark.parametrize("method", ["exact", "minhash"])
+def test_the_same_file_given_twice_is_refused(tmp_path, method):
+    # records are identified by (file, line): before, exact dedup kept both copies and MinHash
+    # removed both, losing the first occurrence; now a repeated input is a one-line error
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one document about dedup"}\n{"text": "another one, different"}\n')
+    (tmp_path / "link.jsonl").symlink_to(src)
+    os.link(src, tmp_path / "hard.jsonl")
+    message = "error: job.input: {} is given twice (as input 1 and 2; dedup identifies records by file and line)"
+    for again in (tmp_path / "link.jsonl", tmp_path / "hard.jsonl", f"{tmp_path}/./in.jsonl"):
+        with pytest.raises(SystemExit) as err:
+            parse_args(dedup.DedupToolConfig, ["--method", method, "--input", str(src), str(again),
+                                               "--output", str(tmp_path / "out.jsonl")])
+        assert str(err.value) == message.format(again)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "dedup.py"), "--method", method, "--input",
+                           str(src), str(src), "--output", str(tmp_path / "out.jsonl"), "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and proc.stderr.strip() == message.format(src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.jsonl", "in.jsonl", "link.jsonl"]

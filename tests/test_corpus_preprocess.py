@@ -146,3 +146,19 @@ def test_long_documents_take_the_tokenizers_chunked_path(tmp_path):
     ds = IndexedDataset(str(tmp_path / "long_text_document"))
     assert ds[0].tolist() == tok.encode(text) + [tok.eod_id]
     assert ds[1].tolist() == tok.encode("short") + [tok.eod_id]
+
+
+def test_a_small_vocabulary_gets_uint16_ids(tmp_path):
+    # docs/data.md: ids take megatron-core's optimal dtype (uint16 under 65,500 ids, else int32)
+    from megatron_qwen.tokenizer import write_tiktoken_ranks
+
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"th": 256, b"the": 257, b" the": 258})
+    vocab = tmp_path / "small.tiktoken"
+    write_tiktoken_ranks(ranks, vocab)
+    tok = load_tokenizer(vocab)
+    assert tok.vocab_size < 65_500
+    preprocess("--input", DATA, "--output-prefix", tmp_path / "small", "--tokenizer-path", vocab, "--append-eod")
+    ds = IndexedDataset(str(tmp_path / "small_text_document"))
+    assert ds.index.dtype == np.uint16
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) + [tok.eod_id] for t in DOCS_TEXT]

@@ -42,7 +42,7 @@ def bad_file(tmp_path) -> Path:
 
 
 EXPECTED_SKIPS = {"malformed_json": [2], "invalid_utf8": [3, 10], "not_an_object": [4],
-                  "missing_field": [5], "empty_text": [6], "too_large": [8], "wrong_type": [9]}
+                  "missing_field": [5], "empty_text": [6], "blank": [7], "too_large": [8], "wrong_type": [9]}
 
 
 @pytest.mark.parametrize("fast_json", [False, True])
@@ -53,11 +53,21 @@ def test_reader_counts_every_bad_line_with_its_place(tmp_path, fast_json):
     with path.open("ab") as f:  # lines 12-14: a surrogate pair escape and NaN are fine, deep nesting not
         f.write(b'\n{"text": "pair \\ud83d\\ude00 ok", "n": NaN}\n{"text": "big", "id": 123456789012345678901234567890}'
                 b'\n{"text": "deep", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}\n")
+        f.write(b'{"text": null}\n'                                       # 15 null_field
+                b'{"text": "first", "text": "second"}\n'                  # 16 duplicate_key (top level)
+                b'{"text": "a:b", "meta": {"k": 1, "k": "x:y"}}\n'        # 17 duplicate_key (nested)
+                b'{"text": "\\u003a", "text": "c"}\n'                    # 18 duplicate_key (escaped colon)
+                b'{"text": "a : b :: c", "m": [{"x": ":"}], "y": "\\u003a"}\n'  # 19 ok: colons in strings
+                b' \t \r\n'                                               # 20 blank (whitespace only)
+                b'{"text": "x", "meta": {"t": "\\ud800"}}\n')             # 21 invalid_utf8 (not the text)
     skips = SkipLog()
     docs = list(read_jsonl([str(path)], ReadOptions(max_doc_bytes=4000, fast_json=fast_json), skips))
-    assert [d.line for d in docs] == [1, 11, 12, 13]
+    assert [d.line for d in docs] == [1, 11, 12, 13, 19]
     assert docs[2].record["text"] == "pair \U0001F600 ok" and docs[3].record["text"] == "big"
-    expected = {**EXPECTED_SKIPS, "malformed_json": [2, 14]}
+    expected = {**EXPECTED_SKIPS, "malformed_json": [2, 14], "null_field": [15], "duplicate_key": [16, 17, 18],
+                "blank": [7, 20], "invalid_utf8": [3, 10, 21]}
+    assert len(docs) + skips.total == 21  # every line is a record or a counted skip
+    assert skips.places["duplicate_key"][1].endswith("('k')")
     assert dict(skips.counts) == {k: len(v) for k, v in expected.items() if v}
     for reason, lines in expected.items():
         assert [p.split(":")[1] for p in skips.places.get(reason, [])] == [str(n) for n in lines], reason
@@ -165,6 +175,7 @@ def test_tool_summary_reports_kept_removed_and_skips(tmp_path):
     s = json.loads(summary_path.read_text())
     assert s["records"] == 2 and s["kept"] + sum(s["removed"].values()) == 2
     assert s["skipped"] == {k: len(v) for k, v in EXPECTED_SKIPS.items()}
+    assert s["records"] + sum(s["skipped"].values()) == 11  # the file's 11 lines (the last unterminated)
     assert s["skipped_at"]["wrong_type"] == [f"{path}:9: field has the wrong type ('text' is int, not a string)"]
 
 
@@ -212,3 +223,68 @@ def test_sigterm_mid_run_removes_temporaries_and_keeps_old_output(tmp_path):
     assert proc.returncode == 130 and "interrupted: no output was written" in err
     assert out.read_text() == "previous good output\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "out.jsonl"]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path, gz):
+    data = b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n'
+    path = tmp_path / ("bom.jsonl.gz" if gz else "bom.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    skips = SkipLog()
+    docs = list(read_jsonl([str(path)], ReadOptions(), skips))
+    assert [(d.line, d.record["text"]) for d in docs] == [(1, "first"), (2, "second")] and not skips.total
+
+
+def test_outputs_commit_all_or_none_when_a_rename_fails(tmp_path):
+    from megatron_qwen.data.corpus.runner import atomic_paths
+
+    a, b = tmp_path / "data.bin", tmp_path / "data.idx"
+    a.write_text("old bin")
+    b.write_text("old idx")
+    # the second rename fails for real (its temporary is gone): the first, already done, is undone
+    with pytest.raises(CorpusError, match=rf"^{b}: cannot write .*no output was changed"):
+        with atomic_paths(str(a), str(b)) as (ta, tb):
+            Path(ta).write_text("new bin")
+            Path(tb).write_text("new idx")
+            os.unlink(tb)
+    assert (a.read_text(), b.read_text()) == ("old bin", "old idx")
+    assert sorted(os.listdir(tmp_path)) == ["data.bin", "data.idx"]
+    # a target that turned into a non-empty directory during the job: nothing replaced either
+    b.unlink()
+    with pytest.raises(CorpusError, match="is a directory"):
+        with atomic_paths(str(a), str(b)) as (ta, tb):
+            Path(ta).write_text("new bin")
+            Path(tb).write_text("new idx")
+            b.mkdir()
+            (b / "f").write_text("x")
+    assert a.read_text() == "old bin" and sorted(os.listdir(tmp_path)) == ["data.bin", "data.idx"]
+    # and when all renames work, both are new and no backup stays
+    b.joinpath("f").unlink()
+    b.rmdir()
+    with atomic_paths(str(a), str(b)) as (ta, tb):
+        Path(ta).write_text("new bin")
+        Path(tb).write_text("new idx")
+    assert (a.read_text(), b.read_text()) == ("new bin", "new idx")
+    assert sorted(os.listdir(tmp_path)) == ["data.bin", "data.idx"]
+
+
+def test_aliased_outputs_are_refused_before_any_work(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(DATA.read_text())
+    out = tmp_path / "out.jsonl"
+    out.write_text("old output\n")
+    (tmp_path / "link.jsonl").symlink_to(out)
+    os.link(src, tmp_path / "hard.jsonl")
+    cases = [(["--output", str(src)], "filter.output"),                            # the input itself
+             (["--output", str(tmp_path / "hard.jsonl")], "filter.output"),         # a hard link of it
+             (["--output", str(out), "--rejected", str(out)], "filter.rejected"),   # one file twice
+             (["--output", str(out), "--rejected", str(tmp_path / "link.jsonl")], "filter.rejected"),
+             (["--output", str(out), "--summary", str(out)], "job.summary")]
+    for flags, name in cases:
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "filter.py"), "--input", str(src), *flags,
+                               "--no-progress"], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 1, flags
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(f"error: {name}: ") and "is the same file as" in line, line
+    assert out.read_text() == "old output\n" and src.read_text() == DATA.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.jsonl", "in.jsonl", "link.jsonl", "out.jsonl"]

@@ -6,6 +6,8 @@ import importlib
 import importlib.util
 import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,9 +113,9 @@ def test_cli_writes_loadable_vocab_and_reports(tmp_path, capsys):
     main(["--corpus", str(corpus), "--num-new-tokens", "20", "--output", str(out),
           "--heldout", str(held), "--text-key", "text"])
     log = capsys.readouterr().out
-    assert "3 lines skipped" in log
-    assert "corpus.jsonl:81: invalid UTF-8" in log and ":82: no string field 'text'" in log
-    assert ":83: malformed JSON" in log
+    assert "3 lines skipped" in log  # the corpus tools' reader and reasons
+    assert "corpus.jsonl:81: not valid UTF-8" in log and ":82: field has the wrong type ('text' is int" in log
+    assert ":83: not valid JSON" in log
     assert "learnt 20 new tokens" in log
     rows = {line.split()[0]: line.split()[2:] for line in log.splitlines() if line[:3] in ("zh ", "en ", "all")}
     assert set(rows) >= {"zh", "en", "all"} and len(rows["zh"]) == 3  # base, extended, qwen.tiktoken
@@ -127,4 +129,36 @@ def test_corpus_reader_plain_text(tmp_path):
     p.write_bytes("第一行\n\nsecond line\n".encode() + b"\xc3\x28\n")
     stats = CorpusStats()
     assert list(read_corpus(p, "text", stats)) == ["第一行\n", "second line\n"]
-    assert stats.skipped == 1 and stats.skip_reasons == [f"{p}:4: invalid UTF-8"]
+    assert stats.skipped == 2 and sorted(stats.skip_reasons) == [f"{p}:2: blank line", f"{p}:4: not valid UTF-8 (byte 0)"]
+
+
+def test_a_lone_surrogate_is_one_counted_line_and_bad_outputs_one_line(tmp_path):
+    # before: the first "\ud800" escape aborted the whole run, naming no file or line
+    train, _, _ = _real_texts()
+    corpus = _write_jsonl(tmp_path / "c.jsonl", train[:30])
+    with open(corpus, "ab") as f:
+        f.write(b'{"text": "broken \\ud800 escape"}\n')
+    held = _write_jsonl(tmp_path / "held.jsonl", train[30:35])
+    with open(held, "ab") as f:
+        f.write(b'{"text": "\\udfff"}\n')
+    out = tmp_path / "v.tiktoken"
+    tool = str(ROOT / "tools" / "extend_vocab.py")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, tool, "--num-new-tokens", "5", *map(str, argv)],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    proc = run("--corpus", corpus, "--heldout", held, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "corpus: 30 documents" in proc.stdout and "1 lines skipped" in proc.stdout
+    assert f"{corpus}:31: not valid UTF-8 (a lone surrogate escape)" in proc.stdout
+    assert load_tokenizer(out).vocab_size == 100256 + 5 + 208
+    (tmp_path / "dir.tiktoken").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for target, says in [(tmp_path / "dir.tiktoken", "is a directory"), (tmp_path / "afile" / "v.tiktoken",
+                         "is not a directory"), (corpus, "is the same file as vocab.corpus")]:
+        proc = run("--corpus", corpus, "--output", target)
+        assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert proc.stderr.startswith(f"error: vocab.output: {target}") and says in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c.jsonl", "dir.tiktoken", "held.jsonl",
+                                                          "v.tiktoken"]

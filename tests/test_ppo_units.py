@@ -170,6 +170,19 @@ def test_prompt_file_bad_lines_counted_and_named(tmp_path):
         load_prompts(tmp_path / "missing.jsonl")
 
 
+def test_prompt_truncations_are_counted_and_logged(tmp_path, caplog):
+    # before: a prompt over max_prompt_length lost its first tokens without a count or a word
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"input_ids": [1, 2, 3, 4, 5, 6]}\n{"input_ids": [7, 8]}\n{"input_ids": [9, 10, 11, 12]}\n'
+                    '{"input_ids": [13, 14, 15]}\n')
+    with caplog.at_level("WARNING", logger="megatron_qwen.rlhf.ppo.prompts"):
+        prompts, report = load_prompts(path, max_prompt_length=3)
+    assert prompts == [[4, 5, 6], [7, 8], [10, 11, 12], [13, 14, 15]]
+    assert report["truncated"] == 2 and report["read"] == 4 and report["skipped"] == 0
+    assert "2 prompt(s) longer than max_prompt_length=3 kept their last 3 tokens; lines 1, 3" in caplog.text
+    assert load_prompts(path, max_prompt_length=6)[1]["truncated"] == 0
+
+
 def test_prompt_sampler_is_resumable():
     a = PromptSampler(5, seed=3)
     first = a.next_indices(7)

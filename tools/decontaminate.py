@@ -12,7 +12,7 @@ import sys
 
 from megatron_qwen.data.corpus.decontaminate import DecontaminateConfig, Decontaminator, build_index
 from megatron_qwen.data.corpus.jsonl import ReadOptions
-from megatron_qwen.data.corpus.runner import JobConfig, Summary, filter_job, parse_args, run_cli
+from megatron_qwen.data.corpus.runner import JobConfig, Summary, check_job_paths, filter_job, parse_args, run_cli
 
 
 @dataclasses.dataclass
@@ -21,6 +21,13 @@ class DecontaminateJob:
 
     job: JobConfig = dataclasses.field(default_factory=JobConfig)
     decontaminate: DecontaminateConfig = dataclasses.field(default_factory=DecontaminateConfig)
+
+    def validate(self) -> None:
+        d = self.decontaminate
+        benchmarks = {f"decontaminate.benchmark[{i}]": spec.partition("=")[2] or spec
+                      for i, spec in enumerate(d.benchmark)}
+        check_job_paths(self.job, {"decontaminate.output": d.output, "decontaminate.rejected": d.rejected},
+                        benchmarks)
 
 
 def main(argv=None) -> None:

@@ -10,6 +10,8 @@ The result loads with ``megatron_qwen.tokenizer.load_tokenizer(OUTPUT)``. See do
 import sys
 
 from megatron_qwen.config import load_config
+from megatron_qwen.data.corpus.jsonl import CorpusError
+from megatron_qwen.data.corpus.runner import describe_os_error
 from megatron_qwen.tokenizer.extend import VocabExtensionConfig, extend_vocabulary
 
 
@@ -17,7 +19,9 @@ def main(argv=None) -> None:
     cfg = load_config(VocabExtensionConfig, argv, description=__doc__)
     try:
         extend_vocabulary(cfg.vocab)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise SystemExit(f"error: {describe_os_error(exc)}")
+    except (ValueError, CorpusError) as exc:
         raise SystemExit(f"error: {exc}")
 
 

@@ -10,7 +10,7 @@ import dataclasses
 
 from megatron_qwen.data.corpus.extract import ExtractConfig, Extractor
 from megatron_qwen.data.corpus.jsonl import ReadOptions
-from megatron_qwen.data.corpus.runner import JobConfig, Summary, filter_job, parse_args, run_cli
+from megatron_qwen.data.corpus.runner import JobConfig, Summary, check_job_paths, filter_job, parse_args, run_cli
 
 
 @dataclasses.dataclass
@@ -19,6 +19,9 @@ class ExtractJob:
 
     job: JobConfig = dataclasses.field(default_factory=JobConfig)
     extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+
+    def validate(self) -> None:
+        check_job_paths(self.job, {"extract.output": self.extract.output, "extract.rejected": self.extract.rejected})
 
 
 def main(argv=None) -> None:

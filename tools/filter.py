@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rule-based quality filters (Gopher/C4 style, CJK-aware), each removal counted per rule.
+"""Rule-based quality filters (Gopher's rules, CJK-aware), each removal counted per rule.
 
     python tools/filter.py --input text.jsonl --output good.jsonl --rejected bad.jsonl \
         --min-words 50 --disable top_ngram --workers 8
@@ -10,7 +10,7 @@ import dataclasses
 
 from megatron_qwen.data.corpus.filters import FilterConfig, QualityFilter
 from megatron_qwen.data.corpus.jsonl import ReadOptions
-from megatron_qwen.data.corpus.runner import JobConfig, Summary, filter_job, parse_args, run_cli
+from megatron_qwen.data.corpus.runner import JobConfig, Summary, check_job_paths, filter_job, parse_args, run_cli
 
 
 @dataclasses.dataclass
@@ -19,6 +19,9 @@ class FilterJob:
 
     job: JobConfig = dataclasses.field(default_factory=JobConfig)
     filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+
+    def validate(self) -> None:
+        check_job_paths(self.job, {"filter.output": self.filter.output, "filter.rejected": self.filter.rejected})
 
 
 def main(argv=None) -> None:

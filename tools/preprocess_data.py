@@ -8,8 +8,8 @@ writes data/web_text_document.bin/.idx. See docs/data.md.
 
 import dataclasses
 
-from megatron_qwen.data.corpus.indexed import PreprocessConfig, build_indexed_dataset
-from megatron_qwen.data.corpus.runner import JobConfig, Summary, parse_args, run_cli
+from megatron_qwen.data.corpus.indexed import PreprocessConfig, build_indexed_dataset, output_paths
+from megatron_qwen.data.corpus.runner import JobConfig, Summary, check_job_paths, parse_args, run_cli
 
 
 @dataclasses.dataclass
@@ -18,6 +18,12 @@ class PreprocessJob:
 
     job: JobConfig = dataclasses.field(default_factory=JobConfig)
     preprocess: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+
+    def validate(self) -> None:
+        p = self.preprocess
+        outputs = {f"preprocess.output_prefix[{key}{path[-4:]}]": path
+                   for key in p.json_keys for path in output_paths(p.output_prefix, key)}
+        check_job_paths(self.job, outputs)
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import heapq
-import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import regex
 import tiktoken
 
+from megatron_qwen.data.corpus.jsonl import BOM, ReadOptions, SkipLog, read_jsonl
 from megatron_qwen.tokenizer.qwen import PAT_STR, read_tiktoken_ranks
 
 # cl100k_base's own pre-tokenizer (digits in groups of up to three): the "before" of the report.
@@ -43,56 +43,60 @@ MAX_CHUNK_BYTES = 256
 
 @dataclass
 class CorpusStats:
-    """What was read and what was skipped, with the first few reasons (file:line)."""
+    """What was read and what was skipped (by reason, with the first places as file:line)."""
 
     documents: int = 0
     bytes: int = 0
-    skipped: int = 0
-    skip_reasons: List[str] = field(default_factory=list)
+    skips: SkipLog = field(default_factory=lambda: SkipLog(keep=20))
 
-    def skip(self, reason: str) -> None:
-        self.skipped += 1
-        if len(self.skip_reasons) < 20:
-            self.skip_reasons.append(reason)
+    @property
+    def skipped(self) -> int:
+        return self.skips.total
+
+    @property
+    def skip_reasons(self) -> List[str]:
+        return [p for places in self.skips.places.values() for p in places][:20]
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
 def read_corpus(path: Path, text_key: str, stats: CorpusStats) -> Iterator[str]:
     """Texts of a JSONL file (one object per line, text under ``text_key``) or a text file.
 
-    A ``.jsonl``/``.json`` suffix means JSONL; anything else is plain UTF-8 text, one document per
-    line. Bad lines (invalid UTF-8, malformed JSON, missing/non-string text) are skipped and
-    counted in ``stats`` with their line number.
+    A ``.jsonl``/``.json`` name (``.gz`` too) means JSONL, read by the corpus tools' reader, so
+    bad lines (blank, invalid UTF-8 or a lone surrogate escape, malformed JSON, a missing, null
+    or non-string text...) are skipped and counted with their ``file:line`` in ``stats`` the
+    same way. Anything else is plain UTF-8 text, one document per line (blank and undecodable
+    lines counted as skipped).
     """
     path = Path(path)
-    is_jsonl = path.suffix in (".jsonl", ".json")
+    if path.name.endswith(JSONL_SUFFIXES):
+        for doc in read_jsonl([str(path)], ReadOptions(required_keys=(text_key,), max_doc_bytes=0), stats.skips):
+            text = doc.record[text_key]
+            stats.documents += 1
+            stats.bytes += len(text.encode("utf-8"))
+            yield text
+        return
     try:
         f = open(path, "rb")
     except OSError as exc:
         raise FileNotFoundError(f"{path}: cannot open corpus ({exc.strerror})") from None
     with f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.skip(f"{path}:{lineno}: invalid UTF-8")
+            except UnicodeDecodeError as exc:
+                stats.skips.add("invalid_utf8", str(path), lineno, f"byte {exc.start}")
                 continue
             if not line.strip():
+                stats.skips.add("blank", str(path), lineno)
                 continue
-            if is_jsonl:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    stats.skip(f"{path}:{lineno}: malformed JSON ({exc.msg})")
-                    continue
-                text = record.get(text_key) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    stats.skip(f"{path}:{lineno}: no string field {text_key!r}")
-                    continue
-            else:
-                text = line
             stats.documents += 1
-            stats.bytes += len(text.encode("utf-8"))
-            yield text
+            stats.bytes += len(raw)
+            yield line
 
 
 def count_chunks(texts, pattern: str = PAT_STR) -> collections.Counter:
@@ -286,6 +290,10 @@ class VocabExtensionArgs:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"vocab.{name}: {value}: no such file")
+        from megatron_qwen.data.corpus.runner import check_paths
+
+        check_paths({"vocab.output": self.output},  # found now, not after the learning
+                    {f"vocab.{name}": getattr(self, name) for name in ("corpus", "heldout", "base")})
         if self.num_new_tokens < 1:
             raise ConfigError(f"vocab.num_new_tokens={self.num_new_tokens} must be >= 1")
         if self.min_frequency < 1:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import unicodedata
 from typing import Optional
 
@@ -40,7 +39,7 @@ from megatron_qwen.config import ConfigError
 from megatron_qwen.data.corpus import minhash
 from megatron_qwen.data.corpus.jsonl import ReadOptions, dump_line
 from megatron_qwen.data.corpus.runner import (
-    JobConfig, Remove, Summary, atomic_paths, filter_job, map_chunks,
+    JobConfig, Remove, Summary, same_file, atomic_paths, check_job_paths, map_chunks, write_filtered,
 )
 
 METHODS = ("exact", "minhash")
@@ -115,13 +114,16 @@ class DedupToolConfig:
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
 
     def validate(self) -> None:
-        outputs = [os.path.abspath(p) for p in (self.dedup.output, self.dedup.report, self.dedup.removed) if p]
-        if len(set(outputs)) < len(outputs):
-            raise ConfigError("dedup.output, dedup.report and dedup.removed must be different files")
-        inputs = {os.path.abspath(p) for p in self.job.input}
-        for path in outputs:
-            if path in inputs:
-                raise ConfigError(f"{path} is both an input and an output")
+        # records are identified by (file, line): a file given twice would have its second copy
+        # kept by exact dedup and, by MinHash, both copies removed
+        for i, path in enumerate(self.job.input):
+            for j in range(i):
+                if same_file(path, self.job.input[j]):
+                    raise ConfigError(f"job.input: {path} is given twice (as input {j + 1} and {i + 1}; "
+                                      f"dedup identifies records by file and line)")
+        dd = self.dedup
+        check_job_paths(self.job, {"dedup.output": dd.output, "dedup.report": dd.report,
+                                   "dedup.removed": dd.removed})
 
 
 # --------------------------------------------------------------------------- exact
@@ -250,7 +252,7 @@ class _ShingleWork:
 
 
 class _KeepUnlisted:
-    """``filter_job`` decision of the last pass: drop the records listed as duplicates."""
+    """``write_filtered`` decision of the last pass: drop the records listed as duplicates."""
 
     def __init__(self, removed: dict):
         self.removed = removed  # (file, line) -> detail
@@ -300,8 +302,9 @@ def run_minhash(cfg: DedupToolConfig) -> Summary:
     sizes = np.bincount(root, minlength=len(root))
     removed = {}
     final = DedupSummary("dedup minhash (write)", job)
-    with atomic_paths(dd.report) as (tmp,):  # the report appears only with the output
-        with open(tmp, "wb") as f:
+    paths = (dd.report, dd.output) + ((dd.removed,) if dd.removed else ())
+    with atomic_paths(*paths) as tmps:  # the report, the output and the removed: one commit
+        with open(tmps[0], "wb") as f:
             for i, est in zip(dup.tolist(), estimates.tolist()):
                 r = int(root[i])
                 entry = {**_place(*places[i]), "duplicate_of": _place(*places[r]), "cluster": r,
@@ -311,7 +314,7 @@ def run_minhash(cfg: DedupToolConfig) -> Summary:
                     entry["jaccard"] = round(minhash.jaccard(shingles[i], shingles[r]), 4)
                 f.write(dump_line(entry))
                 removed[places[i][:2]] = f"duplicate of {places[r][0]}:{places[r][1]}"
-        filter_job(_KeepUnlisted(removed), job, read, final, dd.output, dd.removed)
+        write_filtered(_KeepUnlisted(removed), job, read, final, *tmps[1:])
     final.close()
     summary.kept, summary.removed = final.kept, final.removed
     summary.facts.update(bands=bands, rows=rows, candidate_pairs=result.candidate_pairs,

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_qwen.config import ConfigError
-from megatron_qwen.data.corpus.jsonl import Doc
+from megatron_qwen.data.corpus.jsonl import CorpusError, Doc
 from megatron_qwen.data.corpus.langid import identify
 from megatron_qwen.data.corpus.runner import Remove, split_commas
 
@@ -56,17 +56,38 @@ def html_to_text(html: str, cfg: ExtractConfig) -> Optional[str]:
     )
 
 
+# failures of the machine, not of a page: they stop the run instead of removing every document
+ENVIRONMENT_ERRORS = (ImportError, MemoryError, OSError)
+
+
+def _environment_error(exc: BaseException) -> CorpusError:
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return CorpusError(f"trafilatura cannot run here ({reason}); no output was written")
+
+
 class Extractor:
-    """``decide`` for the runner: the record with text/lang/lang_score, or a Remove."""
+    """``decide`` for the runner: the record with text/lang/lang_score, or a Remove.
+
+    A page trafilatura cannot parse is removed and counted (``extract_error``); a missing or
+    broken dependency (``ENVIRONMENT_ERRORS``) is a ``CorpusError`` that stops the run: found
+    at construction, in the driver, before any work, or at the first page that needs it.
+    """
 
     def __init__(self, cfg: ExtractConfig):
         self.cfg = cfg
+        if cfg.extract:
+            try:
+                import trafilatura  # noqa: F401
+            except ENVIRONMENT_ERRORS as exc:
+                raise _environment_error(exc) from None
 
     def __call__(self, doc: Doc):
         cfg, record = self.cfg, dict(doc.record)
         if cfg.extract:
             try:
                 text = html_to_text(record[cfg.html_key], cfg) or ""
+            except ENVIRONMENT_ERRORS as exc:
+                raise _environment_error(exc) from None
             except Exception as exc:  # a page lxml/trafilatura cannot parse is counted, not fatal
                 return Remove("extract_error", f"{type(exc).__name__}: {str(exc)[:200]}")
             if not cfg.keep_html:

@@ -1,4 +1,7 @@
-"""Rule-based quality filters in the style of Gopher (Rae et al. 2021, appendix A) and C4.
+"""Rule-based quality filters: Gopher's (Rae et al. 2021, appendix A), with CJK variants.
+
+None of C4's rules (line-level terminal punctuation, "javascript", "lorem ipsum", curly braces,
+bad words) is implemented.
 
 Each rule measures one property of a document and removes it past a threshold; the first rule a
 document fails (in the order of ``RULES``) is its removal reason, so removals are counted per

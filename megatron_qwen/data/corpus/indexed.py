@@ -9,8 +9,9 @@ to shard files beside the output and send back only the lengths; the driver spli
 in with an in-kernel copy, so on a small machine it does not take CPU from the workers (Ray
 tasks may run on other machines: their arrays travel through the object store).
 
-One document is one sequence; with ``append_eod`` it ends with ``<|endoftext|>``. Token ids are
-int32 (the Qwen vocabulary does not fit uint16). Each key's documents are written in the same
+One document is one sequence; with ``append_eod`` it ends with ``<|endoftext|>``. Token ids take
+megatron-core's ``DType.optimal_dtype(vocab_size)``: uint16 below 65,500 ids, else int32 (the
+Qwen vocabulary). Each key's documents are written in the same
 order, so they align across keys; a record missing any key is skipped (and counted) for all keys.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from megatron_qwen.config import ConfigError
 from megatron_qwen.tokenizer import load_tokenizer
-from megatron_qwen.data.corpus.jsonl import ReadOptions
+from megatron_qwen.data.corpus.jsonl import CorpusError, ReadOptions
 from megatron_qwen.data.corpus.runner import JobConfig, Summary, atomic_paths, map_chunks
 
 
@@ -48,6 +49,8 @@ class PreprocessConfig:
             raise ConfigError("preprocess.output_prefix: give --output-prefix PREFIX")
         if not self.json_keys:
             raise ConfigError("preprocess.json_keys: give at least one key (--json-keys text)")
+        if len(set(self.json_keys)) < len(self.json_keys):
+            raise ConfigError(f"preprocess.json_keys={self.json_keys}: a key is repeated")
 
 
 def output_paths(prefix: str, key: str) -> tuple:
@@ -172,6 +175,10 @@ def build_indexed_dataset(cfg: PreprocessConfig, job: JobConfig, summary: Summar
                     tokens += int(lengths.sum())
                 summary.tick(tokens=tokens)
             summary.kept = summary.docs
+            if not summary.docs:  # megatron-core cannot mmap an empty .bin: refuse to write one
+                raise CorpusError(f"{', '.join(job.input)}: no usable record ({summary.skips.total} lines "
+                                  f"skipped: {dict(summary.skips.counts) or 'the input is empty'}); an empty "
+                                  f"dataset cannot be read by megatron-core, so none was written")
             for i, key in enumerate(cfg.json_keys):
                 builders[key].finalize(tmps[2 * i + 1])
     return {key: f"{cfg.output_prefix}_{key}_document" for key in cfg.json_keys}

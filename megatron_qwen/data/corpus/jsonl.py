@@ -3,9 +3,11 @@
 The driver process cuts input files into byte chunks of whole lines (``iter_chunks``: cheap, no
 parsing, so it never becomes the bottleneck); whoever does the work, the driver itself or a
 worker process or a Ray task, turns a chunk into records with ``parse_chunk``. A line is skipped,
-never silently, when it is not UTF-8, not JSON, not an object, lacks a required field, has an
-empty text, or is larger than ``max_doc_bytes``; each skip is counted by reason in a ``SkipLog``
-with its ``file:line``. With ``strict=True`` the first skip raises ``CorpusError`` instead.
+never silently, when it is blank, not UTF-8, not JSON, has a key twice in one object (JSON
+parsers would keep the last value without a word), is not an object, lacks a required field or
+has it null, of the wrong type or empty, or is larger than ``max_doc_bytes``; each skip is
+counted by reason in a ``SkipLog`` with its ``file:line``, so lines read = records + skipped,
+exactly. With ``strict=True`` the first skip (blank lines apart) raises ``CorpusError`` instead.
 
     skips = SkipLog()
     for doc in read_jsonl(["a.jsonl"], ReadOptions(required_keys=("text",)), skips):
@@ -19,18 +21,23 @@ import dataclasses
 import gzip
 import json
 import os
+import zlib
 from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
 
 SKIP_REASONS = {
+    "blank": "blank line",
     "invalid_utf8": "not valid UTF-8",
     "malformed_json": "not valid JSON",
+    "duplicate_key": "a key appears twice in one object",
     "not_an_object": "not a JSON object",
     "missing_field": "required field missing",
+    "null_field": "required field is null",
     "wrong_type": "field has the wrong type",
     "empty_text": "empty text",
     "too_large": "document larger than --max-doc-bytes",
 }
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark at the start of a file is not part of line 1
 
 
 class CorpusError(Exception):
@@ -110,7 +117,20 @@ class SkipLog:
 def _open_binary(path: str):
     if not os.path.isfile(path):
         raise CorpusError(f"{path}: no such input file")
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    try:
+        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot open ({exc.strerror or exc})") from None
+
+
+def _read(f, size: int, path: str, line_no: int) -> bytes:
+    """``f.read(size)``; a broken input (truncated or non-gzip .gz, an I/O error) is one line."""
+    try:
+        return f.read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        what = "gzip " if path.endswith(".gz") else ""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CorpusError(f"{path}:{line_no}: unreadable {what}data ({reason})") from None
 
 
 def iter_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20, max_doc_bytes: int = 0,
@@ -127,8 +147,13 @@ def iter_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20, max_doc_bytes:
         pending = b""
         oversized_from = 0  # >0: skipping a giant line that started at this line number
         with _open_binary(path) as f:
+            first = True
             while True:
-                block = f.read(read_size)
+                block = _read(f, read_size, path, line_no)
+                if first:
+                    first = False
+                    if block.startswith(BOM):
+                        block = block[len(BOM):]
                 eof = not block
                 if oversized_from:
                     if eof:
@@ -175,10 +200,14 @@ def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
     docs = []
     required, limit, strict = opts.required_keys, opts.max_doc_bytes, opts.strict
     fast_loads = _orjson_loads() if opts.fast_json else None
-    for i, raw in enumerate(chunk.data.split(b"\n")):
-        if not raw.strip():
-            continue  # blank lines (and the end of the chunk) are not records
+    lines = chunk.data.split(b"\n")
+    if chunk.data.endswith(b"\n"):
+        lines.pop()  # what follows the last newline is not a line
+    for i, raw in enumerate(lines):
         line = chunk.first_line + i
+        if not raw.strip():
+            skips.add("blank", chunk.file, line)  # counted, never an error: not a record
+            continue
         if limit and len(raw) > limit:
             skips.add("too_large", chunk.file, line, f"{len(raw)} bytes > {limit}", strict)
             continue
@@ -203,23 +232,19 @@ def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
             except RecursionError:
                 skips.add("malformed_json", chunk.file, line, "nested too deeply", strict)
                 continue
+        duplicate = duplicate_key(raw, record)
+        if duplicate is not None:
+            skips.add("duplicate_key", chunk.file, line, f"{duplicate!r}", strict)
+            continue
         if not isinstance(record, dict):
             skips.add("not_an_object", chunk.file, line, type(record).__name__, strict)
             continue
+        if not checked and (b"\\ud" in raw or b"\\uD" in raw) and not _encodable(record):
+            skips.add("invalid_utf8", chunk.file, line, "a lone surrogate escape", strict)
+            continue
         bad = None
         for key in required:
-            value = record.get(key)
-            if value is None:
-                bad = ("missing_field", f"no {key!r}")
-            elif opts.strings and not isinstance(value, str):
-                bad = ("wrong_type", f"{key!r} is {type(value).__name__}, not a string")
-            elif not value:
-                bad = ("empty_text", f"{key!r} is empty")
-            elif not checked and isinstance(value, str) and (b"\\ud" in raw or b"\\uD" in raw):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    bad = ("invalid_utf8", f"{key!r} has a lone surrogate escape")
+            bad = _field_problem(record, key, opts.strings)
             if bad:
                 break
         if bad:
@@ -227,6 +252,95 @@ def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
             continue
         docs.append(Doc(chunk.file, line, record))
     return docs
+
+
+def _field_problem(record: dict, key: str, strings: bool) -> Optional[tuple]:
+    """``(reason, detail)`` if ``record[key]`` is not a usable text, else None.
+
+    Usable: a non-empty string; with ``strings=False`` also a list or object holding a string
+    somewhere (chat messages).
+    """
+    if key not in record:
+        return "missing_field", f"no {key!r}"
+    value = record[key]
+    if value is None:
+        return "null_field", f"{key!r} is null"
+    if isinstance(value, str):
+        return None if value else ("empty_text", f"{key!r} is empty")
+    kind = type(value).__name__
+    if strings:
+        return "wrong_type", f"{key!r} is {kind}, not a string"
+    if not isinstance(value, (list, dict)):
+        return "wrong_type", f"{key!r} is {kind}, not a string, list or object"
+    if not value:
+        return "empty_text", f"{key!r} is empty"
+    if not any(True for _ in _strings(value)):
+        return "wrong_type", f"{key!r} is a {kind} holding no string"
+    return None
+
+
+def _strings(value) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            yield from v.keys()
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def _encodable(record) -> bool:
+    """No lone surrogate (from a ``\\ud800``-style escape) anywhere: the record can be written."""
+    try:
+        for s in _strings(record):
+            s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def duplicate_key(raw: bytes, record) -> Optional[str]:
+    """The first key that appears twice in one object of the line ``raw`` (parsed: ``record``).
+
+    Exact, and cheap when there is none: outside strings every ``:`` of a JSON text separates
+    one key from its value, so ``raw``'s colons = the pairs written + the colons inside string
+    literals. Parsing keeps one pair per distinct key and drops the values of repeats, so with
+    no repeat the colons equal keys + colons of the parsed strings, and with a repeat there are
+    more. Only an escaped colon (``\\u003a``) breaks the count: then, as for naming the key,
+    the line is parsed again with a hook that sees every pair.
+    """
+    keys, texts, stack = 0, [], [record]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            texts.append(v)
+        elif isinstance(v, dict):
+            keys += len(v)
+            texts.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    raw_colons = raw.count(b":")
+    if raw_colons == keys:  # colons >= pairs written >= distinct keys: no string colon, no repeat
+        return None
+    escaped = b"\\u003" in raw and (b"\\u003a" in raw or b"\\u003A" in raw)
+    if not escaped and raw_colons == keys + sum(t.count(":") for t in texts):
+        return None
+    found: list = []
+
+    def pairs(items: list) -> dict:
+        obj = dict(items)
+        if len(obj) < len(items) and not found:
+            seen: set = set()
+            found.append(next(k for k, _ in items if k in seen or seen.add(k)))
+        return obj
+
+    json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+    return found[0] if found else None
 
 
 def read_jsonl(paths: Iterable[str], opts: ReadOptions = ReadOptions(), skips: Optional[SkipLog] = None,

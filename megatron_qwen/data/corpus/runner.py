@@ -3,8 +3,8 @@
 Every corpus tool (extract, filter, decontaminate, dedup, preprocess) is the same job: read JSONL
 files in order, do something per document, write results in the same order. This module is that
 job, so all tools share the flags ``--input --workers --ray --strict --max-doc-bytes
---chunk-bytes --summary --no-progress`` (the ``job`` config group), the progress bar, the summary
-and atomic output.
+--chunk-bytes --summary --no-progress`` (the ``job`` config group), the progress bar, the summary,
+the checks of output paths (``check_job_paths``) and the one-commit output (``atomic_paths``).
 
 The API, small on purpose:
 
@@ -20,15 +20,22 @@ The API, small on purpose:
     For tools that keep, rewrite or drop records: ``decide(doc)`` returns the record to write
     (the same dict or a new one) or a :class:`Remove` with the reason. Kept records go to
     ``output``, removed ones (with ``"_rejected": {reason, detail, source}``) to ``rejected``;
-    removals are counted per reason in ``summary.removed``. Both files appear atomically.
+    removals are counted per reason in ``summary.removed``. Both files appear in one commit.
 
 ``atomic_paths(*paths)``
-    Context manager yielding temporary paths beside ``paths``; renamed over them only if the
-    block succeeds, removed otherwise (a crashed or interrupted run never leaves half a file).
+    Context manager yielding temporary paths beside ``paths``; all renamed over them as one
+    commit if the block succeeds (a failed rename rolls back the ones done), removed otherwise
+    (a failed or interrupted run never leaves half a file, nor a new file beside an old one).
+
+``check_job_paths(job, outputs, inputs)``
+    For a tool's top-level ``validate()``: outputs that are directories, under a file, in a
+    directory that takes no new files, or the same file as an input or another output are a
+    one-line ``ConfigError`` before any work.
 
 ``parse_args(ConfigCls, argv)`` / ``run_cli(main)``
     The config loader with list flags (``--input a b``, ``--benchmark x --benchmark y``), and the
-    wrapper that turns a :class:`~.jsonl.CorpusError` into one line on stderr and exit status 1.
+    wrapper that turns a :class:`~.jsonl.CorpusError` (and an OSError, MemoryError or
+    ImportError: the environment, not a document) into one line on stderr and exit status 1.
 
 Ray: ``--ray local`` starts a local runtime with ``--workers`` CPUs (no dashboard) and stops it at
 the end; ``--ray auto`` or ``--ray HOST:PORT`` joins an existing cluster, whose workers must have
@@ -45,6 +52,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 import typing
 from collections import Counter, deque
@@ -195,6 +203,7 @@ def _install(fn: Callable, read: ReadOptions) -> None:
     _INSTALLED = (fn, read)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # forked while the driver blocked them
 
 
 def _work_installed(chunk: Chunk):
@@ -207,8 +216,12 @@ def _pool_map(fn, read, chunks, workers: int) -> Iterator:
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     gc.freeze()  # the workers' garbage collector then never writes to (and copies) shared pages
+    # a SIGTERM/Ctrl-C while the pool forks its workers would leave the ones already forked
+    # orphaned (no pool object yet to terminate them): hold the signals until it exists
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         with ctx.Pool(workers, initializer=_install, initargs=(fn, read)) as pool:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             window: deque = deque()
             for chunk in chunks:
                 window.append(pool.apply_async(_work_installed, (chunk,)))
@@ -217,6 +230,7 @@ def _pool_map(fn, read, chunks, workers: int) -> Iterator:
             while window:
                 yield window.popleft().get()
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         gc.unfreeze()
 
 
@@ -274,20 +288,126 @@ def map_chunks(fn: Callable[[list], Any], job: JobConfig, read: ReadOptions, sum
 
 @contextlib.contextmanager
 def atomic_paths(*paths: str):
-    """Temporary paths beside ``paths``, renamed over them when the block succeeds."""
-    tmps = []
-    for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmps.append(f"{path}.tmp-{os.getpid()}")
+    """Temporary paths beside ``paths``, all renamed over them together when the block succeeds.
+
+    The outputs of one tool are one commit (``_commit``): if the block or any rename fails, every
+    target is left as it was and no temporary or backup file stays behind.
+    """
+    pid = os.getpid()
+    tmps = tuple(f"{path}.tmp-{pid}" for path in paths)
     try:
-        yield tuple(tmps)
+        for path in paths:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        yield tmps
+        _commit(tmps, paths)
     except BaseException:
         for tmp in tmps:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
-    for tmp, path in zip(tmps, paths):
-        os.replace(tmp, path)
+
+
+def _commit(tmps: Sequence[str], paths: Sequence[str]) -> None:
+    """Rename ``tmps`` over ``paths``, all or none.
+
+    Each existing target is first hard-linked to ``PATH.old-PID`` (or, on a file system without
+    hard links, renamed there); then the renames run in order. If one fails, the targets already
+    replaced get their old file back (or are removed if they did not exist) and the error names
+    the path. SIGINT/SIGTERM wait until the commit is over. Only a SIGKILL or a power cut in the
+    middle of these renames can leave a mix, with every previous file still there as ``.old-PID``.
+    """
+    olds = [f"{path}.old-{os.getpid()}" for path in paths]
+    backup: list = [None] * len(paths)  # None (no old file) | "link" | "moved"
+    done = 0
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for i, (path, old) in enumerate(zip(paths, olds)):
+            if not os.path.lexists(path):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)  # left by an earlier run that was killed with this pid
+            try:
+                os.link(path, old, follow_symlinks=False)
+                backup[i] = "link"
+            except OSError:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    raise CorpusError(f"{path}: is a directory, cannot write an output there") from None
+                os.rename(path, old)
+                backup[i] = "moved"
+        for tmp, path in zip(tmps, paths):
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise CorpusError(f"{path}: cannot write ({exc.strerror}); no output was changed") from None
+            done += 1
+    except BaseException:
+        for i, (path, old) in enumerate(zip(paths, olds)):
+            with contextlib.suppress(OSError):
+                if i < done:
+                    os.replace(old, path) if backup[i] else os.unlink(path)
+                elif backup[i] == "moved":
+                    os.replace(old, path)
+                elif backup[i] == "link":
+                    os.unlink(old)
+        raise
+    else:
+        for i, old in enumerate(olds):
+            if backup[i]:
+                with contextlib.suppress(OSError):
+                    os.unlink(old)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def check_paths(outputs: dict, inputs: dict) -> None:
+    """One-line ConfigErrors, before any work, for outputs that cannot be written or that alias.
+
+    ``outputs`` and ``inputs`` map a setting's name (``filter.output``) to a path (None: unset).
+    An output must not be a directory, must have a directory (or a creatable one) as parent we
+    can create files in, and must not be the same file as another output or any input (same
+    resolved path, through symlinks or hard links).
+    """
+    outputs = {k: v for k, v in outputs.items() if v}
+    for name, path in outputs.items():
+        if os.path.isdir(path):
+            raise ConfigError(f"{name}: {path} is a directory")
+        parent = os.path.dirname(os.path.abspath(path))
+        ancestor = parent
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise ConfigError(f"{name}: {path}: {ancestor} is not a directory")
+        if ancestor == parent:
+            try:
+                fd, probe = tempfile.mkstemp(prefix=os.path.basename(path) + ".probe-", dir=parent)
+            except OSError as exc:
+                raise ConfigError(f"{name}: {path}: cannot create files in {parent} ({exc.strerror})") from None
+            os.close(fd)
+            os.unlink(probe)
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name}: {path}: cannot create directories in {ancestor}")
+    seen = [(k, v) for k, v in inputs.items() if v]
+    for name, path in outputs.items():
+        for other_name, other in seen:
+            if same_file(path, other):
+                raise ConfigError(f"{name}: {path} is the same file as {other_name} ({other})")
+        seen.append((name, path))
+
+
+def check_job_paths(job: "JobConfig", outputs: dict, inputs: Optional[dict] = None) -> None:
+    """``check_paths`` for a tool: its ``outputs``, ``--summary``, ``--input`` and other ``inputs``."""
+    names = {f"job.input[{i}]": path for i, path in enumerate(job.input)}
+    check_paths({**outputs, "job.summary": job.summary}, {**names, **(inputs or {})})
+
+
+def same_file(a: str, b: str) -> bool:
+    """The same file: one resolved path, or (both existing) one inode (a hard link)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 class _Decide:
@@ -315,17 +435,21 @@ class _Decide:
 def filter_job(decide: Callable[[Doc], Any], job: JobConfig, read: ReadOptions, summary: Summary,
                output: str, rejected: Optional[str] = None) -> Summary:
     """Write the records ``decide`` keeps to ``output`` (and the removed ones to ``rejected``)."""
-    paths = (output,) + ((rejected,) if rejected else ())
-    with atomic_paths(*paths) as tmps:
-        with contextlib.ExitStack() as stack:
-            files = [stack.enter_context(open(t, "wb")) for t in tmps]
-            for kept, n_kept, removed, reasons in map_chunks(_Decide(decide, bool(rejected)), job, read, summary):
-                files[0].write(kept)
-                if rejected:
-                    files[1].write(removed)
-                summary.kept += n_kept
-                summary.removed.update(reasons)
+    with atomic_paths(*((output,) + ((rejected,) if rejected else ()))) as tmps:
+        write_filtered(decide, job, read, summary, *tmps)
     return summary
+
+
+def write_filtered(decide: Callable[[Doc], Any], job: JobConfig, read: ReadOptions, summary: Summary,
+                   output: str, rejected: Optional[str] = None) -> None:
+    """``filter_job`` into files the caller commits (e.g. with more outputs in one ``atomic_paths``)."""
+    with open(output, "wb") as out, (open(rejected, "wb") if rejected else contextlib.nullcontext()) as rej:
+        for kept, n_kept, removed, reasons in map_chunks(_Decide(decide, bool(rejected)), job, read, summary):
+            out.write(kept)
+            if rejected:
+                rej.write(removed)
+            summary.kept += n_kept
+            summary.removed.update(reasons)
 
 
 # --------------------------------------------------------------------------- command line
@@ -385,7 +509,9 @@ def _terminate(signum, frame):
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a tool's ``main``; a CorpusError becomes ``error: ...`` and exit status 1.
 
-    SIGTERM unwinds like Ctrl-C, so temporary outputs are removed and old outputs stay intact.
+    So do the errors of the environment rather than of one document (OSError: a disk, a
+    permission, an input that cannot be read; MemoryError; ImportError): one line, no traceback,
+    no output changed. SIGTERM unwinds like Ctrl-C, so temporary outputs are removed and old outputs stay intact.
     """
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -396,3 +522,19 @@ def run_cli(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as exc:  # the environment, not a document: a disk, a permission, a device
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except MemoryError:
+        print("error: out of memory (lower --workers or --chunk-bytes)", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ImportError as exc:
+        print(f"error: a required package is missing or broken: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason`` (both paths for a rename), on one line."""
+    where = ": ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" if where else reason

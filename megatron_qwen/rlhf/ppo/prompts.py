@@ -26,9 +26,11 @@ class PromptError(ValueError):
 
 def load_prompts(path: str | Path, tokenizer=None, max_prompt_length: int = 512,
                  vocab_size: Optional[int] = None) -> tuple[list[list[int]], dict]:
-    """Read ``path``; return the token-id prompts and a report ``{"read", "skipped", "reasons"}``.
+    """Read ``path``; return the token-id prompts and a report
+    ``{"read", "skipped", "reasons", "truncated"}``.
 
-    Prompts longer than ``max_prompt_length`` keep their last tokens (the generation prompt).
+    Prompts longer than ``max_prompt_length`` keep their last tokens (the generation prompt);
+    they are counted in ``truncated`` and logged with the first few line numbers.
     """
     path = Path(path)
     if not path.is_file():
@@ -36,6 +38,7 @@ def load_prompts(path: str | Path, tokenizer=None, max_prompt_length: int = 512,
     prompts: list[list[int]] = []
     skipped: dict[str, int] = {}
     first_errors: list[str] = []
+    truncated: list[int] = []  # line numbers of prompts cut to max_prompt_length
 
     def skip(lineno: int, why: str, detail: str = "") -> None:
         skipped[why] = skipped.get(why, 0) + 1
@@ -80,13 +83,20 @@ def load_prompts(path: str | Path, tokenizer=None, max_prompt_length: int = 512,
                 except ChatMLError as exc:
                     skip(lineno, "bad messages", str(exc))
                     continue
+            if len(ids) > max_prompt_length:
+                truncated.append(lineno)
             prompts.append(ids[-max_prompt_length:])
     n_skipped = sum(skipped.values())
     if n_skipped:
         log.warning("%s: skipped %d bad line(s): %s; first: %s", path, n_skipped, skipped, "; ".join(first_errors))
+    if truncated:
+        log.warning("%s: %d prompt(s) longer than max_prompt_length=%d kept their last %d tokens; lines %s",
+                    path, len(truncated), max_prompt_length, max_prompt_length,
+                    ", ".join(map(str, truncated[:5])) + (", ..." if len(truncated) > 5 else ""))
     if not prompts:
         raise PromptError(f"{path}: no usable prompt (skipped {n_skipped} line(s): {skipped})")
-    return prompts, {"read": len(prompts), "skipped": n_skipped, "reasons": skipped}
+    return prompts, {"read": len(prompts), "skipped": n_skipped, "reasons": skipped,
+                     "truncated": len(truncated)}
 
 
 class PromptSampler:
