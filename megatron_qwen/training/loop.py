@@ -328,6 +328,7 @@ def train(cfg) -> list[dict]:
     t, ck = cfg.train, cfg.checkpoint
     if t.task not in DATASET_PROVIDERS:
         raise ConfigError(f"--task {t.task!r}: known tasks are {', '.join(sorted(DATASET_PROVIDERS))}")
+    ckpt.check_load_paths(ck)
     from megatron_qwen.data.pretrain import split_sizes
 
     # data first: a wrong path or tokenizer fails before minutes of model building
