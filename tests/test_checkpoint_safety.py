@@ -48,6 +48,30 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
+def _exit_line(main, argv, capsys) -> str:
+    """An entry point's main() in this process (each builds no more than a tiny model): it must
+    stop with exit status 2 or an ``error: ...`` line, printed or as the exit message."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    code = exc.value.code
+    line = code if isinstance(code, str) else err.splitlines()[-1]
+    assert "\n" not in line and line.startswith("error: "), (code, err[-2000:])
+    return line
+
+
+def _pretrain(argv, capsys) -> str:
+    from megatron_qwen.train import main
+
+    return _exit_line(main, argv, capsys)
+
+
+def _convert(argv, capsys) -> str:
+    from megatron_qwen.checkpoint.cli import main
+
+    return _exit_line(main, argv, capsys)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A 1-iteration training checkpoint of the tiny toy-vocabulary model (the trainer's layout:
@@ -70,48 +94,44 @@ def _planted(trained: Path, tmp_path: Path, planter) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.parametrize("planter", [plant.plant_metadata, plant.plant_common, plant.plant_byte_item])
-def test_pretrain_load_runs_no_code(trained, tmp_path, planter):
+def test_pretrain_load_runs_no_code(trained, tmp_path, planter, capsys):
     ckpt, planted, marker = _planted(trained, tmp_path, planter)
-    proc = _run(REPO / "pretrain_qwen.py", *_pretrain_flags(trained), "--save", "none",
-                "--load", ckpt, cwd=tmp_path)
-    line = _error_line(proc)
+    line = _pretrain([*_pretrain_flags(trained), "--save", "none", "--load", ckpt], capsys)
     assert not marker.exists()
     assert line.startswith(f"error: {planted}: refuses to load ") and "exec" in line, line
 
 
-def test_pretrained_checkpoint_runs_no_code(trained, tmp_path):
+def test_pretrained_checkpoint_runs_no_code(trained, tmp_path, capsys):
     ckpt, planted, marker = _planted(trained, tmp_path, plant.plant_metadata)
-    proc = _run(REPO / "pretrain_qwen.py", *_pretrain_flags(trained), "--save", tmp_path / "new",
-                "--load", tmp_path / "new", "--pretrained-checkpoint", ckpt, cwd=tmp_path)
-    line = _error_line(proc)
+    line = _pretrain([*_pretrain_flags(trained), "--save", tmp_path / "new", "--load", tmp_path / "new",
+                      "--pretrained-checkpoint", ckpt], capsys)
     assert not marker.exists()
     assert line == f"error: {planted}: refuses to load builtins.exec (a checkpoint's metadata holds only torch's checkpoint records)"
 
 
-@pytest.mark.parametrize("planter", [plant.plant_metadata, plant.plant_common])
-@pytest.mark.parametrize("subcommand", ["mcore-to-hf", "reshard"])
-def test_converter_runs_no_code(trained, tmp_path, planter, subcommand):
+@pytest.mark.parametrize("subcommand, planter", [("mcore-to-hf", plant.plant_metadata),
+                                                 ("reshard", plant.plant_common)])
+def test_converter_runs_no_code(trained, tmp_path, subcommand, planter, capsys):
     ckpt, planted, marker = _planted(trained, tmp_path, planter)
     extra = ["--tokenizer", "none"] if subcommand == "mcore-to-hf" else ["--tp", 1, "--pp", 1]
-    proc = _run(REPO / "tools/convert_checkpoint.py", subcommand, "--mcore", ckpt,
-                "--out", tmp_path / "out", *extra, cwd=tmp_path)
-    line = _error_line(proc)
+    line = _convert([subcommand, "--mcore", ckpt, "--out", tmp_path / "out", *extra], capsys)
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert line.startswith(f"error: {planted}: refuses to load "), line
 
 
-def test_generate_runs_no_code(trained, tmp_path):
+def test_generate_runs_no_code(trained, tmp_path, capsys):
+    from megatron_qwen.inference.chat import main
+
     ckpt, planted, marker = _planted(trained, tmp_path, plant.plant_metadata)
-    proc = _run(REPO / "tools/generate.py", "--load", ckpt, "--prompt", "hi", "--max-new-tokens", 2,
-                cwd=tmp_path)
-    line = _error_line(proc)
+    line = _exit_line(main, ["--load", ckpt, "--prompt", "hi", "--max-new-tokens", 2], capsys)
     assert not marker.exists()
     assert line.startswith(f"error: {planted}: refuses to load builtins.exec"), line
 
 
 def test_reward_model_load_runs_no_code(tmp_path):
-    """DeepSpeed's engine states (mp_rank_00_model_states.pt) through train_reward_model --load;
-    PPO's engines are built by the same init_train_engine."""
+    """DeepSpeed's engine states (mp_rank_00_model_states.pt) through train_reward_model --load
+    (a subprocess: DeepSpeed's state is per process); PPO's engines are built by the same
+    init_train_engine."""
     rm_fixtures.make_pairs(tmp_path / "data", n_train=8, n_test=4)
     model = rm_fixtures.make_tiny_qwen2(tmp_path / "model", hidden=16, layers=1)
     flags = ["--model-path", model, "--train-data-path", tmp_path / "data/pairs_train.jsonl",
@@ -119,11 +139,8 @@ def test_reward_model_load_runs_no_code(tmp_path):
              "--epochs", 1, "--zero-stage", 1, "--log-interval", 1]
     proc = _run(REPO / "tools/train_reward_model.py", *flags, "--save", tmp_path / "rm", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    # the unmodified checkpoint loads (the allow-listed DeepSpeed classes suffice) ...
-    proc = _run(REPO / "tools/train_reward_model.py", *flags, "--load", tmp_path / "rm",
-                "--save", tmp_path / "rm2", cwd=tmp_path)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-4000:]
-    # ... and a planted one is refused
+    # (that unmodified checkpoints still load, ZeRO-3 optimizer states included, is
+    # tests/test_rm_train.py::test_resume_continues_the_run)
     marker = tmp_path / "MARKER"
     planted = plant.plant_deepspeed(tmp_path / "rm", marker)
     proc = _run(REPO / "tools/train_reward_model.py", *flags, "--load", tmp_path / "rm",
@@ -156,18 +173,17 @@ def _garbage_metadata(ckpt: Path) -> str:
 
 
 @pytest.mark.parametrize("breaker", [_truncate_distcp, _garbage_common, _garbage_metadata])
-def test_broken_checkpoint_is_one_line(trained, tmp_path, breaker):
+def test_broken_checkpoint_is_one_line(trained, tmp_path, breaker, capsys):
     ckpt = plant.copy_checkpoint(trained / "ckpt", tmp_path / "ckpt")
     want = breaker(ckpt)
-    proc = _run(REPO / "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ckpt,
-                "--out", tmp_path / "out", "--tokenizer", "none", cwd=tmp_path)
-    assert _error_line(proc).startswith(want), proc.stderr[-2000:]
+    line = _convert(["mcore-to-hf", "--mcore", ckpt, "--out", tmp_path / "out", "--tokenizer", "none"],
+                    capsys)
+    assert line.startswith(want), line
 
 
-def test_checkpoint_of_another_shape_is_one_line(trained, tmp_path):
-    proc = _run(REPO / "pretrain_qwen.py", *_pretrain_flags(trained), "--hidden-size", 32,
-                "--ffn-hidden-size", 64, "--save", "none", "--load", trained / "ckpt", cwd=tmp_path)
-    line = _error_line(proc)
+def test_checkpoint_of_another_shape_is_one_line(trained, tmp_path, capsys):
+    line = _pretrain([*_pretrain_flags(trained), "--hidden-size", 32, "--ffn-hidden-size", 64,
+                      "--save", "none", "--load", trained / "ckpt"], capsys)
     assert line == (f"error: {plant.iter_dir(trained / 'ckpt')}: tensor embedding.word_embeddings.weight "
                     "has global shape (1024, 64), the model expects (1024, 32); the checkpoint "
                     "holds a model of another shape"), line
@@ -177,7 +193,7 @@ def test_checkpoint_of_another_shape_is_one_line(trained, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../outside/model.safetensors", "/etc/hostname", "a/../../x.safetensors"])
-def test_hf_index_cannot_point_outside(tmp_path, name):
+def test_hf_index_cannot_point_outside(tmp_path, name, capsys):
     from tests.test_convert import qwen2_model
 
     qwen2_model(vocab=64, hidden=16, layers=1, heads=2, kv_heads=2, ffn=32).save_pretrained(tmp_path / "hf")
@@ -189,9 +205,8 @@ def test_hf_index_cannot_point_outside(tmp_path, name):
         names = list(f.keys())
     index = tmp_path / "hf/model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {n: name for n in names}}))
-    proc = _run(REPO / "tools/convert_checkpoint.py", "hf-to-mcore", "--hf", tmp_path / "hf",
-                "--out", tmp_path / "mc", cwd=tmp_path)
-    assert _error_line(proc) == f"error: {index}: names {name!r}, which is outside {tmp_path / 'hf'}; refused"
+    line = _convert(["hf-to-mcore", "--hf", tmp_path / "hf", "--out", tmp_path / "mc"], capsys)
+    assert line == f"error: {index}: names {name!r}, which is outside {tmp_path / 'hf'}; refused"
     assert not (tmp_path / "mc").exists()
 
 
@@ -211,7 +226,7 @@ def test_ppo_latest_cannot_point_outside(tmp_path, tag):
     assert latest(str(tmp_path / "run")) == tmp_path / "run/step_0000001"
 
 
-def test_dist_checkpoint_data_file_cannot_point_outside(trained, tmp_path):
+def test_dist_checkpoint_data_file_cannot_point_outside(trained, tmp_path, capsys):
     import pickle
 
     ckpt = plant.copy_checkpoint(trained / "ckpt", tmp_path / "ckpt")
@@ -220,24 +235,12 @@ def test_dist_checkpoint_data_file_cannot_point_outside(trained, tmp_path):
     for info in metadata.storage_data.values():
         info.relative_path = "../../../" + info.relative_path
     meta_path.write_bytes(pickle.dumps(metadata))
-    proc = _run(REPO / "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ckpt,
-                "--out", tmp_path / "out", "--tokenizer", "none", cwd=tmp_path)
-    assert "which is outside" in _error_line(proc)
+    line = _convert(["mcore-to-hf", "--mcore", ckpt, "--out", tmp_path / "out", "--tokenizer", "none"],
+                    capsys)
+    assert line.startswith(f"error: {meta_path}: names '../../../") and "which is outside" in line
 
 
 # --------------------------------------------------------------------------- item 7: --load targets
-
-
-def _pretrain_in_process(argv, capsys) -> tuple[int, str, str]:
-    from megatron_qwen.train import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _not_a_checkpoint(tmp_path: Path):
@@ -253,31 +256,29 @@ def _not_a_checkpoint(tmp_path: Path):
 @pytest.mark.parametrize("finetune", [False, True])
 def test_load_of_something_not_a_checkpoint_is_an_error(trained, tmp_path, capsys, finetune):
     want = {"missing": "does not exist; only --load equal to --save may start from scratch",
-            "empty": "holds no checkpoint (no latest_checkpointed_iteration.txt); only --load equal to --save",
-            "junk": "holds no checkpoint", "file": "a file, not a checkpoint directory"}
+            "empty": "holds no checkpoint (no latest_checkpointed_iteration.txt); only --load "
+                     "equal to --save may start from scratch",
+            "junk": "holds no checkpoint (no latest_checkpointed_iteration.txt); only --load "
+                    "equal to --save may start from scratch",
+            "file": "a file, not a checkpoint directory"}
     for case, path in _not_a_checkpoint(tmp_path).items():
-        code, out, err = _pretrain_in_process(
-            [*_pretrain_flags(trained), "--save", tmp_path / "save", "--load", path,
-             *(["--finetune"] if finetune else [])], capsys)
-        assert code == 2 and err.strip() == f"error: --load {path}: {want[case]}" or \
-            err.strip().startswith(f"error: --load {path}: {want[case]}"), (case, err)
-        assert "starting from scratch" not in out
+        line = _pretrain([*_pretrain_flags(trained), "--save", tmp_path / "save", "--load", path,
+                          *(["--finetune"] if finetune else [])], capsys)
+        assert line == f"error: --load {path}: {want[case]}", case
 
 
 def test_load_equal_to_save_may_be_fresh_but_not_junk(trained, tmp_path, capsys):
+    from megatron_qwen.train import main
+
     cases = _not_a_checkpoint(tmp_path)
-    code, _, err = _pretrain_in_process([*_pretrain_flags(trained), "--save", cases["junk"],
-                                         "--load", cases["junk"]], capsys)
-    assert code == 2 and err.strip() == (f"error: --load {cases['junk']}: not a checkpoint directory "
-                                         "(no latest_checkpointed_iteration.txt; it holds notes.txt)")
-    code, _, err = _pretrain_in_process([*_pretrain_flags(trained), "--save", tmp_path / "save",
-                                         "--load", tmp_path / "save", "--pretrained-checkpoint",
-                                         cases["missing"]], capsys)
-    assert code == 2 and err.strip() == f"error: --pretrained-checkpoint {cases['missing']}: no checkpoint there"
-    for case in ("missing", "empty"):  # the requeue pattern: a fresh start, then a checkpoint there
-        (cases[case] / "iter_0000005.tmp").mkdir(parents=True) if case == "empty" else None
-        code, out, err = _pretrain_in_process([*_pretrain_flags(trained), "--save", cases[case],
-                                               "--load", cases[case]], capsys)
-        assert code in (0, None), err[-2000:]
-        assert f"--load {cases[case]}: no checkpoint there yet; starting from scratch" in out
-        assert (cases[case] / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    line = _pretrain([*_pretrain_flags(trained), "--save", cases["junk"], "--load", cases["junk"]], capsys)
+    assert line == (f"error: --load {cases['junk']}: not a checkpoint directory "
+                    "(no latest_checkpointed_iteration.txt; it holds notes.txt)")
+    line = _pretrain([*_pretrain_flags(trained), "--save", tmp_path / "save", "--load", tmp_path / "save",
+                      "--pretrained-checkpoint", cases["missing"]], capsys)
+    assert line == f"error: --pretrained-checkpoint {cases['missing']}: no checkpoint there"
+    # the requeue pattern: an empty --save (here with a killed first save's debris) starts fresh
+    (cases["empty"] / "iter_0000005.tmp").mkdir()
+    main([str(a) for a in [*_pretrain_flags(trained), "--save", cases["empty"], "--load", cases["empty"]]])
+    assert f"--load {cases['empty']}: no checkpoint there yet; starting from scratch" in capsys.readouterr().out
+    assert (cases["empty"] / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
