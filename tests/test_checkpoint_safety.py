@@ -282,3 +282,64 @@ def test_load_equal_to_save_may_be_fresh_but_not_junk(trained, tmp_path, capsys)
     main([str(a) for a in [*_pretrain_flags(trained), "--save", cases["empty"], "--load", cases["empty"]]])
     assert f"--load {cases['empty']}: no checkpoint there yet; starting from scratch" in capsys.readouterr().out
     assert (cases["empty"] / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+# --------------------------------------------------------------------------- item 9: no orphans
+
+
+def test_save_helpers_die_with_a_killed_trainer(trained, tmp_path):
+    """SIGKILL the trainer while megatron-core's save helpers live (its spawn Manager, a forked
+    bucket writer): none outlives it. Each helper is frozen (SIGSTOP) first, so it cannot finish
+    on its own: only the death signal asked for at its start ends it."""
+    import signal
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, str(REPO / "pretrain_qwen.py"), *map(str, _pretrain_flags(trained)),
+           "--save", str(tmp_path / "ck"), "--load", str(tmp_path / "ck"), "--save-interval", "1",
+           "--train-iters", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=tmp_path, env=ENV)
+    helpers = {}
+    try:
+        for line in proc.stdout:
+            if "saved checkpoint iteration 1 " in line:
+                break
+        deadline = time.time() + 120
+        while time.time() < deadline and not ({"manager", "writer"} <= set(helpers.values())):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    line = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                kind = ("manager" if "spawn_main" in line else
+                        "writer" if "pretrain_qwen.py" in line else None)
+                if kind and child.pid not in helpers:
+                    helpers[child.pid] = kind
+        assert {"manager", "writer"} <= set(helpers.values()), helpers
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait(timeout=60)
+
+        def alive(pid):
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        deadline = time.time() + 5
+        while time.time() < deadline and any(map(alive, helpers)):
+            time.sleep(0.1)
+        assert not [pid for pid in helpers if alive(pid)], helpers
+    finally:
+        proc.kill()
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -86,6 +86,8 @@ def save_mcore_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], 
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_qwen.checkpoint import save_processes
+
     expected = cfg.padded_vocab_size
     for role in ("embedding", "output"):
         rows = tensors[mcore_name(role)].shape[0]
@@ -99,6 +101,7 @@ def save_mcore_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], 
                        "parallel": dataclasses.asdict(parallel)}
     state["checkpoint_version"] = 3.0
     state["iteration"] = iteration
+    save_processes.install()  # megatron-core's save helpers die with this process
     with world_of_one():
         dist_checkpointing.save(state, str(ckpt_dir))
     (Path(directory) / TRACKER).write_text(f"{iteration}\n")

@@ -24,7 +24,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from megatron_qwen.checkpoint import safe_load
+from megatron_qwen.checkpoint import safe_load, save_processes
 from megatron_qwen.checkpoint.mcore_io import check_model_shapes
 from megatron_qwen.config import ConfigError, to_dict
 
@@ -146,6 +146,7 @@ def save_checkpoint(root: os.PathLike, iteration: int, model_chunks, optimizer, 
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
         tmp.mkdir()
     _barrier()
+    save_processes.install()  # megatron-core's save helpers die with this process
     state = _model_state(model_chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_METADATA)
     state["rng_state"] = _rng_sharded_object(_rng_state())
