@@ -289,25 +289,28 @@ def test_load_equal_to_save_may_be_fresh_but_not_junk(trained, tmp_path, capsys)
 
 def test_save_helpers_die_with_a_killed_trainer(trained, tmp_path):
     """SIGKILL the trainer while megatron-core's save helpers live (its spawn Manager, a forked
-    bucket writer): none outlives it. Each helper is frozen (SIGSTOP) first, so it cannot finish
-    on its own: only the death signal asked for at its start ends it."""
+    bucket writer): none outlives it. Each helper is frozen (SIGSTOP) first, once it has lived
+    long enough to have asked for its death signal (the Manager 1 s, a writer 0.1 s), so it cannot
+    finish on its own: only that signal ends it. The real-vocabulary tiny model makes a save long
+    enough for a writer to be caught."""
     import signal
     import time
 
     import psutil
 
     cmd = [sys.executable, str(REPO / "pretrain_qwen.py"), *map(str, _pretrain_flags(trained)),
-           "--save", str(tmp_path / "ck"), "--load", str(tmp_path / "ck"), "--save-interval", "1",
-           "--train-iters", "100000"]
+           "--model.preset", "tiny", "--save", str(tmp_path / "ck"), "--load", str(tmp_path / "ck"),
+           "--save-interval", "1", "--train-iters", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=tmp_path, env=ENV)
-    helpers = {}
+    first_seen, frozen = {}, {}
     try:
         for line in proc.stdout:
             if "saved checkpoint iteration 1 " in line:
                 break
-        deadline = time.time() + 120
-        while time.time() < deadline and not ({"manager", "writer"} <= set(helpers.values())):
+        deadline = time.time() + 180
+        while time.time() < deadline and not ({"manager", "writer"} <= set(frozen.values())):
+            now = time.time()
             for child in psutil.Process(proc.pid).children(recursive=True):
                 try:
                     line = " ".join(child.cmdline())
@@ -315,14 +318,16 @@ def test_save_helpers_die_with_a_killed_trainer(trained, tmp_path):
                     continue
                 kind = ("manager" if "spawn_main" in line else
                         "writer" if "pretrain_qwen.py" in line else None)
-                if kind and child.pid not in helpers:
-                    helpers[child.pid] = kind
-        assert {"manager", "writer"} <= set(helpers.values()), helpers
-        for pid in helpers:
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                pass
+                if kind is None or child.pid in frozen:
+                    continue
+                first_seen.setdefault(child.pid, now)
+                if now - first_seen[child.pid] >= (1.0 if kind == "manager" else 0.1):
+                    try:
+                        os.kill(child.pid, signal.SIGSTOP)
+                        frozen[child.pid] = kind
+                    except ProcessLookupError:
+                        pass
+        assert {"manager", "writer"} <= set(frozen.values()), frozen
         proc.kill()
         proc.wait(timeout=60)
 
@@ -333,12 +338,12 @@ def test_save_helpers_die_with_a_killed_trainer(trained, tmp_path):
                 return False
 
         deadline = time.time() + 5
-        while time.time() < deadline and any(map(alive, helpers)):
+        while time.time() < deadline and any(map(alive, frozen)):
             time.sleep(0.1)
-        assert not [pid for pid in helpers if alive(pid)], helpers
+        assert not [pid for pid in frozen if alive(pid)], frozen
     finally:
         proc.kill()
-        for pid in helpers:
+        for pid in first_seen:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
