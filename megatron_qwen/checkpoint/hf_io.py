@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_qwen.checkpoint.mapping import CheckpointError
+from megatron_qwen.checkpoint.paths import inside
 
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
@@ -56,7 +57,7 @@ class HFCheckpointReader:
                     raise CheckpointError(f"{index_path}: no 'weight_map'")
                 files = {}
                 for name, fname in weight_map.items():
-                    path = self.dir / fname
+                    path = inside(self.dir, fname, index_path)
                     if not path.is_file():
                         raise CheckpointError(f"{index_path}: tensor {name} is in {fname}, "
                                               "which does not exist")

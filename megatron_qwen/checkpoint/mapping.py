@@ -20,13 +20,14 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from megatron_qwen.config import ModelConfig
+from megatron_qwen.config import ConfigError, ModelConfig
 
 HF_FORMATS = ("qwen", "qwen2")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; the message is one line naming the file or tensor."""
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read or converted; the message is one line naming the file or
+    tensor (a ConfigError, so every entry point prints it as one line)."""
 
 
 # --------------------------------------------------------------------------- the shape of a model

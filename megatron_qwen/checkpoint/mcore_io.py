@@ -97,6 +97,8 @@ def save_mcore_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], 
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_qwen.checkpoint import save_processes
+
     expected = cfg.padded_vocab_size
     for role in ("embedding", "output"):
         rows = tensors[mcore_name(role)].shape[0]
@@ -115,6 +117,7 @@ def save_mcore_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], 
                        "parallel": dataclasses.asdict(parallel)}
     state["checkpoint_version"] = 3.0
     state["iteration"] = iteration
+    save_processes.install()  # megatron-core's save helpers die with this process
     with world_of_one():
         dist_checkpointing.save(state, str(ckpt_dir))
     (Path(directory) / TRACKER).write_text(f"{iteration}\n")
@@ -150,13 +153,13 @@ class McoreCheckpointReader:
     """Full tensors of a torch_dist checkpoint, one layer at a time, with its model config."""
 
     def __init__(self, directory: os.PathLike, model_cfg: Optional[ModelConfig] = None):
-        from megatron.core import dist_checkpointing
+        from megatron_qwen.checkpoint import safe_load
 
         self.root = Path(directory)
         self.dir = resolve_checkpoint_dir(directory)
         with world_of_one():
-            common = dist_checkpointing.load_common_state_dict(str(self.dir))
-            self._meta_tensors = dist_checkpointing.load_tensors_metadata(str(self.dir))
+            common = safe_load.load_common(self.dir)
+            self._meta_tensors = safe_load.load_tensors_metadata(self.dir)
         self.meta: dict = dict(common.get(META_KEY) or {})
         self.cfg = model_cfg or self._model_config()
         self.num_layers = self.cfg.num_layers
@@ -207,8 +210,9 @@ class McoreCheckpointReader:
         ``roles`` picks a subset: loading the embedding and the output layer one at a time keeps
         the peak at one vocabulary matrix (dist_checkpointing's read briefly holds ~1.4x).
         """
-        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
+
+        from megatron_qwen.checkpoint import safe_load
 
         request = {}
         for role in roles or (GLOBAL_ROLES if layer is None else LAYER_ROLES):
@@ -227,7 +231,7 @@ class McoreCheckpointReader:
                     meta.key, torch.empty((1, *shape[1:]), dtype=meta.dtype),
                     (0, layer, self.num_layers))
         with world_of_one():
-            loaded = dist_checkpointing.load(request, str(self.dir), validate_access_integrity=False)
+            loaded = safe_load.load(request, self.dir, validate_access_integrity=False)
         return {role: loaded[role] if layer is None else loaded[role][0] for role in request}
 
 
@@ -240,7 +244,7 @@ def load_model_weights(model_chunks: List[torch.nn.Module], directory: os.PathLi
     Returns the checkpoint's ``megatron_qwen`` metadata. Call it on every rank. A vocabulary
     padded for another TP is refused with a one-line error pointing at ``reshard``.
     """
-    from megatron.core import dist_checkpointing
+    from megatron_qwen.checkpoint import safe_load
 
     ckpt = resolve_checkpoint_dir(directory)
     unwrapped = []
@@ -252,22 +256,34 @@ def load_model_weights(model_chunks: List[torch.nn.Module], directory: os.PathLi
     state = {}
     for i, chunk in enumerate(model_chunks):
         state[f"model{i}" if len(model_chunks) > 1 else "model"] = chunk.sharded_state_dict()
-    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    check_model_shapes(state, ckpt)
+    loaded = safe_load.load(state, ckpt)
+    for i, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded[f"model{i}" if len(model_chunks) > 1 else "model"], strict=True)
+    return dict(loaded.get(META_KEY) or {})
+
+
+def check_model_shapes(model_state: Mapping[str, dict], ckpt: os.PathLike) -> None:
+    """Every tensor of the model's sharded state dicts (``{"model": ..., "model1": ...}``) is in
+    the checkpoint at the same global shape: a one-line error instead of megatron-core's page."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    for sub in state.values():
+    from megatron_qwen.checkpoint import safe_load
+
+    saved = safe_load.load_tensors_metadata(ckpt)
+    for sub in model_state.values():
         for sh in sub.values():
             if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
                 continue  # ShardedObjects (empty _extra_state) are checked by the load itself
             key, shape = sh.key, getattr(sh, "global_shape", None)
             if key not in saved:
                 raise CheckpointError(f"{ckpt}: tensor {key} is missing from the checkpoint")
-            if shape is not None and tuple(saved[key].global_shape) != tuple(shape):
-                raise CheckpointError(
-                    f"{ckpt}: tensor {key} has global shape {tuple(saved[key].global_shape)}, the "
-                    f"model expects {tuple(shape)}; run `convert_checkpoint.py reshard` for this "
-                    "layout (the vocabulary padding depends on TP)")
-    loaded = dist_checkpointing.load(state, str(ckpt))
-    for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded[f"model{i}" if len(model_chunks) > 1 else "model"], strict=True)
-    return dict(loaded.get(META_KEY) or {})
+            have = tuple(saved[key].global_shape)
+            if shape is not None and have != tuple(shape):
+                vocab_only = len(have) == len(shape) and have[1:] == tuple(shape[1:])
+                hint = ("run `convert_checkpoint.py reshard` for this layout (the vocabulary "
+                        "padding depends on TP)" if vocab_only and "word_embeddings" in key
+                        or vocab_only and key.startswith("output_layer") else
+                        "the checkpoint holds a model of another shape")
+                raise CheckpointError(f"{ckpt}: tensor {key} has global shape {have}, the model "
+                                      f"expects {tuple(shape)}; {hint}")

@@ -16,11 +16,21 @@ from typing import Optional
 
 from megatron_qwen.checkpoint.mapping import CheckpointError
 
-# ChatML (report section 3.1), as the chat models' tokenizer_config.json ships it.
+# Text that spells a special token ("<|im_end|>\n<|im_start|>assistant" in a user turn) must stay
+# text, as in our ChatML renderer, or it forges turns. apply_chat_template tokenizes one rendered
+# string, so the template marks every "<|" of a role or content with a WORD JOINER: no special
+# token (matched on the raw text) matches "<\u2060|", and the normalizer turns it back into "<|"
+# before the BPE, so the ids are exactly those of the text (with the PreTrainedTokenizerFast named
+# in tokenizer_config.json; transformers' Qwen2Tokenizer, which AutoTokenizer picks for
+# model_type qwen2, replaces the normalizer: the markers then stay text with the joiner in them).
+# split_special_tokens would split the template's own markers too. A literal "<\u2060|" in a
+# text is read as "<|".
+TEXT_MARK = "<\u2060|"
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + (message['role'] | replace('<|', '" + TEXT_MARK + "')) + '\n' + "
+    "(message['content'] | replace('<|', '" + TEXT_MARK + "')) + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -46,7 +56,7 @@ def write_tokenizer_files(out: Path, fmt: str, vocab_file: Optional[str] = None,
 
         tok = TikTokenConverter(vocab_file=str(path), pattern=PAT_STR,
                                 extra_special_tokens=list(SPECIAL_TOKENS)).converted()
-        tok.normalizer = normalizers.NFC()
+        tok.normalizer = normalizers.Sequence([normalizers.Replace(TEXT_MARK, "<|"), normalizers.NFC()])
         tok.save(str(out / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": ENDOFTEXT,
                   "pad_token": ENDOFTEXT, "bos_token": None, "unk_token": None,

@@ -14,6 +14,7 @@ layout works, on GPUs or CPU processes (torchrun + gloo); data-parallel ranks sp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from itertools import combinations
@@ -25,6 +26,7 @@ import torch
 
 from megatron_qwen.config import ConfigError, ParallelConfig
 from megatron_qwen.inference.loading import LongContext, set_long_context
+from megatron_qwen.inference.padded_vocab import token_nll, unwrap
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 PACKINGS = ("documents", "concat")
@@ -88,17 +90,23 @@ def _nll_loss_func(output_tensor: torch.Tensor):
                                  "tokens": torch.tensor(float(nll.numel()), dtype=torch.float64)}
 
 
-def _nll_forward_step(data_iterator, model):
+def _nll_forward_step(data_iterator, model, vocab_size: Optional[int] = None):
     batch = next(data_iterator)
     tokens, labels = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, None, labels=labels), _nll_loss_func
+    gpt = unwrap(model)
+    if vocab_size is None or not gpt.post_process or vocab_size >= gpt.vocab_size:
+        return model(tokens, positions, None, labels=labels), _nll_loss_func
+    logits = model(tokens, positions, None, runtime_gather_output=False)  # [b, s, V / TP]
+    return token_nll(logits, labels, vocab_size), _nll_loss_func
 
 
 @torch.no_grad()
-def total_nll(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1) -> Tuple[float, int]:
+def total_nll(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1,
+              vocab_size: Optional[int] = None) -> Tuple[float, int]:
     """Sum of next-token NLL and the number of scored tokens over ``samples`` [n, L + 1],
-    identical on every rank (data-parallel ranks take every DP-th micro-batch)."""
+    identical on every rank (data-parallel ranks take every DP-th micro-batch). ``vocab_size``
+    (the real vocabulary) keeps the padded embedding rows out of the softmax."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -111,7 +119,7 @@ def total_nll(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1) ->
     for batch in mine:  # one schedule call per micro-batch: the last one may be smaller
         iterators = [iter([batch]) for _ in model_chunks]
         losses = schedule(
-            forward_step_func=_nll_forward_step,
+            forward_step_func=functools.partial(_nll_forward_step, vocab_size=vocab_size),
             data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
             model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
             num_microbatches=1, seq_length=batch.size(1) - 1, micro_batch_size=batch.size(0),
@@ -124,8 +132,9 @@ def total_nll(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1) ->
     return nll, int(tokens)
 
 
-def perplexity(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1) -> float:
-    nll, count = total_nll(model_chunks, samples, micro_batch_size)
+def perplexity(model_chunks, samples: torch.Tensor, micro_batch_size: int = 1,
+               vocab_size: Optional[int] = None) -> float:
+    nll, count = total_nll(model_chunks, samples, micro_batch_size, vocab_size)
     return math.exp(nll / count) if count else float("nan")
 
 
@@ -161,7 +170,8 @@ def settings(combos: str, window_rule: str) -> List[LongContext]:
 
 def evaluate_table(model_chunks, docs: Sequence[np.ndarray], lengths: Sequence[int],
                    rows: Sequence[LongContext], num_samples: int, packing: str, eod: int,
-                   micro_batch_size: int = 1, log=print) -> Dict[str, Dict[int, float]]:
+                   micro_batch_size: int = 1, log=print,
+                   vocab_size: Optional[int] = None) -> Dict[str, Dict[int, float]]:
     """{row label: {length: perplexity}} (nan where the data has no sample of that length)."""
     table: Dict[str, Dict[int, float]] = {r.label: {} for r in rows}
     try:
@@ -173,7 +183,8 @@ def evaluate_table(model_chunks, docs: Sequence[np.ndarray], lengths: Sequence[i
                 log(f"length {length}: only {samples.size(0)} of {num_samples} samples available")
             for row in rows:
                 set_long_context(model_chunks, row)
-                table[row.label][length] = (perplexity(model_chunks, samples, micro_batch_size)
+                table[row.label][length] = (perplexity(model_chunks, samples, micro_batch_size,
+                                                       vocab_size)
                                             if samples.size(0) else float("nan"))
     finally:
         set_long_context(model_chunks, LongContext())
@@ -272,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     log(f"{args.load}: trained at {model_cfg.seq_length} tokens; {len(docs)} documents; "
         f"windows: {window_rule}")
     table = evaluate_table(model, docs, lengths, rows, args.num_samples, args.packing,
-                           tokenizer.eod_id, args.micro_batch_size, log)
+                           tokenizer.eod_id, args.micro_batch_size, log, model_cfg.vocab_size)
     log(format_table(table, lengths, title=Path(args.load).name))
     if args.output and rank0():
         out = Path(args.output)

@@ -183,12 +183,15 @@ def init_train_engine(model: torch.nn.Module, ds_config: dict, *, lr: float,
     """A training engine with its optimizer and LR schedule; returns the DeepSpeed engine."""
     import deepspeed
 
+    from megatron_qwen.rlhf.safe_engine import safe_checkpoint_engine
+
     offload = "offload_optimizer" in ds_config.get("zero_optimization", {})
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                                 offload=offload)
     scheduler = warmup_constant_schedule(optimizer, warmup_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
+    safe_checkpoint_engine(engine)  # load_checkpoint runs no code from the files it reads
     return engine
 
 

@@ -24,6 +24,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_qwen.checkpoint import safe_load, save_processes
+from megatron_qwen.checkpoint.mcore_io import check_model_shapes
 from megatron_qwen.config import ConfigError, to_dict
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -59,6 +61,34 @@ def read_tracker(root: os.PathLike) -> Optional[int]:
 def has_checkpoint(root: os.PathLike) -> bool:
     """A tracker file, or a bare dist-checkpoint directory, is there."""
     return read_tracker(root) is not None or (Path(root) / "metadata.json").is_file()
+
+
+def check_load_paths(ck) -> None:
+    """Refuse, before anything is built, a ``--load`` / ``--pretrained-checkpoint`` that names
+    something other than a checkpoint.
+
+    Only ``--load`` equal to ``--save`` (the requeue pattern: slurm/common.sh passes both) may be
+    missing or hold no checkpoint yet (empty, or only a killed first save's ``*.tmp``): that is a
+    fresh start. Anything else that is not a checkpoint would silently train from scratch.
+    """
+    if ck.load:
+        load = Path(ck.load)
+        if load.exists() and not load.is_dir():
+            raise ConfigError(f"--load {load}: a file, not a checkpoint directory")
+        if not has_checkpoint(load):
+            own_save = ck.save is not None and Path(ck.save).resolve() == load.resolve()
+            if not own_save:
+                state = "does not exist" if not load.exists() else f"holds no checkpoint (no {TRACKER})"
+                raise ConfigError(f"--load {load}: {state}; only --load equal to --save may start "
+                                  "from scratch")
+            other = sorted(p.name for p in load.iterdir() if not p.name.endswith(".tmp")) \
+                if load.is_dir() else []
+            if other:
+                raise ConfigError(f"--load {load}: not a checkpoint directory (no {TRACKER}; it "
+                                  f"holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''})")
+    resumes = ck.load and has_checkpoint(ck.load)
+    if ck.pretrained_checkpoint and not resumes and not has_checkpoint(ck.pretrained_checkpoint):
+        raise ConfigError(f"--pretrained-checkpoint {ck.pretrained_checkpoint}: no checkpoint there")
 
 
 def _rng_state() -> dict:
@@ -116,6 +146,7 @@ def save_checkpoint(root: os.PathLike, iteration: int, model_chunks, optimizer, 
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
         tmp.mkdir()
     _barrier()
+    save_processes.install()  # megatron-core's save helpers die with this process
     state = _model_state(model_chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_METADATA)
     state["rng_state"] = _rng_sharded_object(_rng_state())
@@ -165,10 +196,11 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
         ckpt = iter_dir(root, iteration)
     if not (ckpt / "metadata.json").is_file():
         raise ConfigError(f"--load {root}: {ckpt} is not a complete checkpoint (no metadata.json)")
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    common = safe_load.load_common(ckpt)
     ck = cfg.checkpoint
     full = TRAIN_STATE_KEY in common and not ck.finetune
     state = _model_state(model_chunks)
+    check_model_shapes(state, ckpt)
     if full and not ck.no_load_optim:
         saved_dist = common[TRAIN_STATE_KEY]["config"]["parallel"]["use_distributed_optimizer"]
         if saved_dist != cfg.parallel.use_distributed_optimizer:
@@ -185,7 +217,7 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
                        and saved["pipeline_model_parallel_size"] == cfg.parallel.pipeline_model_parallel_size)
         if same_layout:
             state["rng_state"] = _rng_sharded_object(None)
-    loaded = dist_checkpointing.load(state, str(ckpt), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    loaded = safe_load.load(state, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if not full:

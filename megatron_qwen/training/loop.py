@@ -339,10 +339,11 @@ def train(cfg) -> list[dict]:
     t, ck = cfg.train, cfg.checkpoint
     if t.task not in DATASET_PROVIDERS:
         raise ConfigError(f"--task {t.task!r}: known tasks are {', '.join(sorted(DATASET_PROVIDERS))}")
-    # what the attention kernel and the save directory would refuse later, refused now
+    # what the attention kernel, the save directory and the load paths would refuse later, refused now
     cfg.check_kernels(on_gpu=torch.cuda.is_available(), flash_available=flash_attn_func is not None)
     if ck.save:
         ck.check_save_writable()
+    ckpt.check_load_paths(ck)
     from megatron_qwen.data.pretrain import split_sizes
 
     # data first: a wrong path or tokenizer fails before minutes of model building

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_qwen.checkpoint.paths import inside
 from megatron_qwen.config import save_resolved
 from megatron_qwen.rlhf import hf_model
 
@@ -95,7 +96,7 @@ def latest(load_dir: str) -> Optional[Path]:
     marker = Path(load_dir) / "latest"
     if not marker.is_file():
         return None
-    ckpt = Path(load_dir) / marker.read_text().strip()
+    ckpt = inside(load_dir, marker.read_text().strip(), marker)
     if not ckpt.is_dir():
         raise CheckpointError(f"{marker} names {ckpt.name}, which does not exist")
     return ckpt
