@@ -29,6 +29,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _pretrain_flags(root: Path) -> list:
+    # tiny_vocab's shape with the recipe's pinned 151,936 embedding rows (a YAML field outranks a
+    # preset): a save slow enough for the save-helper test to catch its processes
     return ["--config", REPO / "examples/pretrain_tiny.yaml", "--model.preset", "tiny_vocab",
             "--data-path", root / "toy", "--eod-id", 999, "--split", "1,0,0",
             "--data-cache-path", root / "cache", "--tensorboard-dir", "none",
@@ -185,7 +187,7 @@ def test_checkpoint_of_another_shape_is_one_line(trained, tmp_path, capsys):
     line = _pretrain([*_pretrain_flags(trained), "--hidden-size", 32, "--ffn-hidden-size", 64,
                       "--save", "none", "--load", trained / "ckpt"], capsys)
     assert line == (f"error: {plant.iter_dir(trained / 'ckpt')}: tensor embedding.word_embeddings.weight "
-                    "has global shape (1024, 64), the model expects (1024, 32); the checkpoint "
+                    "has global shape (151936, 64), the model expects (151936, 32); the checkpoint "
                     "holds a model of another shape"), line
 
 

@@ -136,7 +136,9 @@ def pretrain_jobs(slurm, clone, tmp_path_factory):
     write_corpus(corpus, vocab_size=1000, max_docs=40)
 
     def submit(name, *sbatch_args):
-        flags = ["--model.preset", "tiny_vocab", "--data-path", corpus, "--eod-id", 999, "--split", "1,0,0",
+        # the recipe pins the real vocabulary's 151,936 rows (a YAML field outranks a preset):
+        # unpinned, tiny_vocab's 1,000 tokens pad to 1,024 rows
+        flags = ["--model.preset", "tiny_vocab", "--padded-vocab-size", "none", "--data-path", corpus, "--eod-id", 999, "--split", "1,0,0",
                  "--data-cache-path", tmp / f"cache-{name}", "--train-iters", TRAIN_ITERS, "--log-interval", 1,
                  "--eval-interval", "none", "--save-interval", "none", "--metrics-file", tmp / f"{name}.jsonl"]
         env = {**_job_env(clone, name), "RECIPE": "examples/pretrain_tiny.yaml", "TP": "1", "GPUS_PER_NODE": "2",
