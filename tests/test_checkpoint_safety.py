@@ -191,6 +191,55 @@ def test_checkpoint_of_another_shape_is_one_line(trained, tmp_path, capsys):
                     "holds a model of another shape"), line
 
 
+def _nan_checkpoint(trained: Path, out: Path, monkeypatch) -> tuple[Path, str]:
+    """The trained model resharded by the converter with 3 NaNs planted in layer 1's fc1 weight
+    as it passes through (what a run that diverged, or a corrupt copy, leaves behind)."""
+    from megatron_qwen.checkpoint import mcore_io
+
+    read = mcore_io.McoreCheckpointReader.load
+
+    def load_with_nan(self, layer=None, roles=None):
+        out = read(self, layer, roles)
+        if layer == 1:
+            out["fc1"] = out["fc1"].clone()
+            out["fc1"].view(-1)[:3] = float("nan")
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(mcore_io.McoreCheckpointReader, "load", load_with_nan)
+        _convert_ok(["reshard", "--mcore", trained / "ckpt", "--out", out, "--tp", 1, "--pp", 1])
+    return mcore_io.resolve_checkpoint_dir(out), "decoder.layers.mlp.linear_fc1.weight (layer 1)"
+
+
+def _convert_ok(argv) -> None:
+    from megatron_qwen.checkpoint.cli import main
+
+    main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("subcommand", ["mcore-to-hf", "reshard"])
+def test_converter_refuses_nan_weights(trained, tmp_path, subcommand, monkeypatch, capsys):
+    ckpt, name = _nan_checkpoint(trained, tmp_path / "nan", monkeypatch)
+    extra = ["--tokenizer", "none"] if subcommand == "mcore-to-hf" else ["--tp", 1, "--pp", 1]
+    line = _convert([subcommand, "--mcore", tmp_path / "nan", "--out", tmp_path / "out", *extra], capsys)
+    assert line.startswith(f"error: {ckpt}: tensor {name} has 3 non-finite value(s) (NaN/Inf) of "), line
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.parametrize("flag", ["--load", "--pretrained-checkpoint"])
+def test_training_refuses_nan_weights(trained, tmp_path, flag, monkeypatch, capsys):
+    """Before: the run trained on (loss NaN) and saved; now the load stops with the tensor's name."""
+    ckpt, _ = _nan_checkpoint(trained, tmp_path / "nan", monkeypatch)
+    where = (["--save", "none", "--load", tmp_path / "nan"] if flag == "--load" else
+             ["--save", tmp_path / "new", "--load", tmp_path / "new", flag, tmp_path / "nan"])
+    # the reshard padded the 1000-token vocabulary to 1024 rows (the fixture's model has 151,936)
+    line = _pretrain([*_pretrain_flags(trained), "--padded-vocab-size", 1024, *where], capsys)
+    assert line.startswith(f"error: {ckpt}: tensor model.decoder.layers.1.mlp.linear_fc1.weight has "
+                           "3 non-finite value(s) (NaN/Inf) of "), line
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
 # --------------------------------------------------------------------------- item 2: paths stay inside
 
 

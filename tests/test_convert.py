@@ -8,6 +8,9 @@ under 2 gloo processes (tests/scripts/convert_reshard.py).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -323,6 +326,25 @@ def test_bad_input_one_line_error_nothing_written(breaker, tmp_path):
     msg = str(exc.value.code)
     assert msg.startswith("error: ") and "\n" not in msg and needle in msg, msg
     assert not out.exists() and not any(p.name.startswith(".mc") for p in out.parent.glob(".*"))
+
+
+def test_hf_to_mcore_refuses_nan_weights(tmp_path):
+    """Through the real command line: exit 1, one line naming file, tensor and count, no output."""
+    qwen2_model(vocab=64, hidden=16, layers=2, heads=2, kv_heads=2, ffn=32).save_pretrained(tmp_path / "hf")
+    shard = tmp_path / "hf" / "model.safetensors"
+    state = load_file(shard)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    state[name][0, :2] = torch.tensor([float("nan"), float("inf")])
+    save_file(state, shard, metadata={"format": "pt"})
+    out = tmp_path / "out" / "mc"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-mcore",
+                           "--hf", str(tmp_path / "hf"), "--out", str(out), "--tp", "1", "--pp", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: {shard}: tensor {name} has 2 non-finite value(s) (NaN/Inf) "
+                                   "of 256; refusing a corrupt checkpoint"), proc.stderr[-3000:]
+    assert not out.exists() and not list(out.parent.glob(".*"))
 
 
 def test_bad_layout_and_existing_output(hf_dir, tmp_path):

@@ -4,11 +4,13 @@ The reward model is a real Qwen2 backbone + head, trained in the fixture to scor
 their share of the TARGET token; the actor starts from random weights, so the only way up is to
 learn to emit TARGET. One uninterrupted single-process run is the reference for three checks:
 reward rises with bounded KL; 2-process ZeRO-2 and ZeRO-3 runs give the same curve; a run killed
-mid-way and resumed continues the same curve.
+mid-way and resumed continues the same curve. A short run with attention dropout on in the actor
+and the critic, resumed from its step-3 checkpoint, repeats its own steps bit for bit.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,3 +136,33 @@ def test_killed_run_resumes_on_the_same_curve(reference_run, assets, tmp_path):
     for m in resumed:
         for key in ("reward/raw", "kl", "loss/value", "loss/policy", "reward/running_mean"):
             assert m[key] == pytest.approx(ref[m["step"]][key], rel=1e-4, abs=1e-5), (key, m["step"])
+
+
+def with_attention_dropout(model_dir: Path, out_dir: Path, p: float = 0.1) -> Path:
+    """A copy of ``model_dir`` whose config turns Qwen2's attention dropout (its only dropout) on."""
+    shutil.copytree(model_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config["attention_dropout"] = p
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+def test_resume_with_dropout_is_exact(reference_run, assets, tmp_path):
+    """Dropout draws from torch's RNG in every actor and critic update; the checkpoint's RNG states
+    make the resumed steps draw the same masks (a timing key is the only thing that may differ)."""
+    steps, save_at = 5, 3  # the actor updates from step 3 on, so steps 4 and 5 use actor dropout
+    drop = {**assets, "actor": with_attention_dropout(assets["actor"], tmp_path / "actor"),
+            "rm": with_attention_dropout(assets["rm"], tmp_path / "rm")}  # the critic starts from the RM
+    ckpt = tmp_path / "ckpt"
+    run_torchrun(TOOL, *ppo_tiny.recipe_args(drop, tmp_path / "full", train_iters=steps, save=ckpt,
+                                             save_interval=save_at), nproc=1)
+    full = read_curve(tmp_path / "full" / "metrics.jsonl")
+    # dropout is really on: without it the same weights give another first value loss
+    assert full[0]["loss/value"] != reference_run["curve"][0]["loss/value"]
+    (ckpt / "latest").write_text(f"step_{save_at:07d}\n")
+    run_torchrun(TOOL, *ppo_tiny.recipe_args(drop, tmp_path / "resumed", train_iters=steps, load=ckpt), nproc=1)
+    resumed = read_curve(tmp_path / "resumed" / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(save_at + 1, steps + 1))
+    for got, want in zip(resumed, full[save_at:]):
+        same = {k: v for k, v in want.items() if not k.startswith(("time/", "tokens_per_s", "generated_"))}
+        assert {k: got[k] for k in same} == same, got["step"]

@@ -4,7 +4,9 @@ Pairs: chosen = a sentence of the Python language reference, rejected = the same
 shuffled. A tiny random Qwen2 (real 151,936-row vocabulary) trains 40 steps (2 epochs of 640
 pairs, batch 32) through ``tools/train_reward_model.py``'s entry point, in one process (ZeRO-0,
 and ZeRO-1, whose engine reports the grad norm) and in two processes under ZeRO-2 and ZeRO-3;
-the ZeRO-3 run also saves half-way and a second run resumes from there.
+the ZeRO-3 run also saves half-way and a second run resumes from there. A short 2-process ZeRO-2
+run with attention dropout on saves at step 3 and is resumed: the resumed steps must repeat the
+uninterrupted ones bit for bit (each rank's RNG states are part of the checkpoint).
 
 One process and two compute the same function of the same numbers; only the order of the fp32
 sums differs (ZeRO's partitions, the data-parallel all-reduce). So the first step agrees to
@@ -40,12 +42,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     train, test = rm_fixtures.make_pairs(root / "data", n_train=640, n_test=96)
     model = rm_fixtures.make_tiny_qwen2(root / "model")
+    dropout_model = rm_fixtures.with_attention_dropout(model, root / "model_dropout", 0.1)
     run_torchrun(SCRIPT, root / "data", model, root / "w1", "0,1", nproc=1)
-    run_torchrun(SCRIPT, root / "data", model, root / "w2", "2,3", "--resume", nproc=2)
+    run_torchrun(SCRIPT, root / "data", model, root / "w2", "2,3", "--resume",
+                 "--dropout-model", dropout_model, nproc=2)
     one = json.loads((root / "w1" / "results_w1.json").read_text())
     two = json.loads((root / "w2" / "results_w2.json").read_text())
     return {"root": root, "test": test, "zero0": one["zero0"], "zero1": one["zero1"], "zero2": two["zero2"],
-            "zero3": two["zero3"], "resume": two["resume"]}
+            "zero3": two["zero3"], "resume": two["resume"], "dropout": two["dropout"]}
 
 
 def test_reward_model_learns_real_text(runs):
@@ -87,6 +91,16 @@ def test_resume_continues_the_run(runs):
     assert resumed["losses"] == pytest.approx(full["losses"][20:], abs=1e-6)
     assert resumed["final"]["accuracy"] == pytest.approx(full["final"]["accuracy"], abs=1e-9)
     assert resumed["final"]["mean"] == pytest.approx(full["final"]["mean"], abs=1e-5)
+
+
+def test_resume_with_dropout_is_exact(runs):
+    drop = runs["dropout"]
+    full, resumed = drop["full"]["losses"], drop["resumed"]["losses"]
+    assert len(full) == 6 and len(resumed) == 6 - drop["save"]
+    # dropout is really on: the same weights without it give another first loss
+    assert full[0] != runs["zero2"]["losses"][0]
+    assert resumed == full[drop["save"]:], (full, resumed)
+    assert drop["resumed"]["grad_norms"] == drop["full"]["grad_norms"][drop["save"]:]
 
 
 def test_export_scores_like_the_engine(runs, tmp_path):

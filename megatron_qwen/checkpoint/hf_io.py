@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_qwen.checkpoint.finite import require_finite
 from megatron_qwen.checkpoint.mapping import CheckpointError
 from megatron_qwen.checkpoint.paths import inside
 
@@ -110,9 +111,8 @@ class HFCheckpointReader:
         if path is None:
             raise CheckpointError(f"{self.dir}: tensor {name} is missing")
         handle = self._handle(path)
-        if path.suffix == ".safetensors":
-            return handle.get_tensor(name)
-        return handle[name]
+        tensor = handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
+        return require_finite(tensor, name, path)
 
 
 class HFCheckpointWriter:

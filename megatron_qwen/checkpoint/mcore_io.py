@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 import yaml
 
+from megatron_qwen.checkpoint.finite import require_finite, require_finite_state
 from megatron_qwen.checkpoint.mapping import (
     GLOBAL_ROLES,
     LAYER_ROLES,
@@ -232,6 +233,9 @@ class McoreCheckpointReader:
                     (0, layer, self.num_layers))
         with world_of_one():
             loaded = safe_load.load(request, self.dir, validate_access_integrity=False)
+        for role in request:
+            name = self._key(role) if layer is None else f"{self._key(role)} (layer {layer})"
+            require_finite(loaded[role], name, self.dir)
         return {role: loaded[role] if layer is None else loaded[role][0] for role in request}
 
 
@@ -258,6 +262,7 @@ def load_model_weights(model_chunks: List[torch.nn.Module], directory: os.PathLi
         state[f"model{i}" if len(model_chunks) > 1 else "model"] = chunk.sharded_state_dict()
     check_model_shapes(state, ckpt)
     loaded = safe_load.load(state, ckpt)
+    require_finite_state({k: v for k, v in loaded.items() if k.startswith("model")}, ckpt)
     for i, chunk in enumerate(model_chunks):
         chunk.load_state_dict(loaded[f"model{i}" if len(model_chunks) > 1 else "model"], strict=True)
     return dict(loaded.get(META_KEY) or {})

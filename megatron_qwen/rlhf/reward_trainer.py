@@ -28,7 +28,8 @@ from megatron_qwen.data.preference import PreferenceDataset, collate_pairs
 from megatron_qwen.rlhf.reward_data import epoch_order, eval_shard, step_micro_batches
 from megatron_qwen.rlhf.reward_logging import MetricsLogger
 from megatron_qwen.rlhf.reward_pairs import data_report, load_pairs, load_rm_tokenizer
-from megatron_qwen.runtime import device_check
+from megatron_qwen.checkpoint.weights_only import torch_load
+from megatron_qwen.runtime import device_check, rng_state
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
@@ -78,6 +79,30 @@ def evaluate(engine, pairs: PreferenceDataset, micro_batch_size: int, pad_id: in
     std = math.sqrt(max(s2 / (2 * n) - mean * mean, 0.0))
     return {"count": int(n), "accuracy": correct / n, "loss": loss / n, "mean": mean, "std": std,
             "chosen_mean": sc / n, "rejected_mean": sr / n}
+
+
+def _rng_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"rng_state_rank{rank}.pt"
+
+
+def save_rng_state(tag_dir: Path, rank: int) -> None:
+    """This rank's RNG states (dropout's draws differ per rank), written atomically."""
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    out = _rng_file(tag_dir, rank)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(rng_state.capture(), tmp)
+    tmp.replace(out)
+
+
+def load_rng_state(tag_dir: Path, rank: int) -> dict:
+    """The RNG states saved with this rank (rank 0's on a resume with more ranks than saved)."""
+    path = _rng_file(tag_dir, rank)
+    if not path.is_file() and rank > 0:
+        path = _rng_file(tag_dir, 0)
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; a resume without the RNG states would draw other "
+                          "dropout masks than the uninterrupted run")
+    return torch_load(path, path)
 
 
 def _rank() -> int:
@@ -142,6 +167,7 @@ def train(cfg: RewardModelConfig) -> dict:
                 raise ConfigError(f"checkpoint.load={ck.load}: saved with {key}={client.get(key)!r}, "
                                   f"now {value!r}; resume needs the same data order")
         step = int(client["step"])
+        rng_state.restore(load_rng_state(Path(path).parent, rank))
         _print0(f"resumed from {path} at step {step}")
 
     logger = MetricsLogger(cfg.logging, to_dict(cfg)) if rank == 0 else None
@@ -161,6 +187,7 @@ def train(cfg: RewardModelConfig) -> dict:
 
     def save_checkpoint() -> None:
         if ck.save:
+            save_rng_state(Path(ck.save) / f"global_step{step}", rank)  # before DeepSpeed's `latest`
             engine.save_checkpoint(ck.save, tag=f"global_step{step}",
                                    client_state={"step": step, **data_identity})
             if rank == 0:

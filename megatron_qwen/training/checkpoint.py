@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_qwen.checkpoint import safe_load, save_processes
+from megatron_qwen.checkpoint.finite import require_finite_state
 from megatron_qwen.checkpoint.mcore_io import check_model_shapes
 from megatron_qwen.config import ConfigError, to_dict
 
@@ -218,6 +219,7 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
         if same_layout:
             state["rng_state"] = _rng_sharded_object(None)
     loaded = safe_load.load(state, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    require_finite_state({k: v for k, v in loaded.items() if k.startswith("model")}, ckpt)
     for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if not full:

@@ -72,3 +72,14 @@ def make_tiny_qwen2(out_dir, seed: int = 0, vocab_size: int = 151936, hidden: in
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def with_attention_dropout(model_dir, out_dir, p: float) -> Path:
+    """A copy of ``model_dir`` whose config turns Qwen2's attention dropout (its only dropout) on."""
+    import shutil
+
+    out_dir = Path(shutil.copytree(model_dir, out_dir))
+    config = json.loads((out_dir / "config.json").read_text())
+    config["attention_dropout"] = p
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    return out_dir

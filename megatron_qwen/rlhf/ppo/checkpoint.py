@@ -18,18 +18,17 @@ mid-save resumes from the previous complete checkpoint.
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_qwen.checkpoint.paths import inside
 from megatron_qwen.config import save_resolved
 from megatron_qwen.rlhf import hf_model
+from megatron_qwen.runtime import rng_state
 
 
 class CheckpointError(RuntimeError):
@@ -51,20 +50,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                      "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-
-
 def save(save_dir: str, step: int, engines, trainer_state: dict, cfg, save_frozen: bool = True) -> Path:
     """Write checkpoint ``step`` (all ranks call this)."""
     root = Path(save_dir)
@@ -80,7 +65,7 @@ def save(save_dir: str, step: int, engines, trainer_state: dict, cfg, save_froze
         hf_model.export_with_head(engines.reward, ckpt / "reward", reward_stats=engines.reward_stats)
     state_file = ckpt / f"trainer_state_rank{_rank()}.pt"
     tmp = state_file.with_name(f".{state_file.name}.tmp")
-    torch.save({**trainer_state, "rng": rng_state()}, tmp)
+    torch.save({**trainer_state, "rng": rng_state.capture()}, tmp)
     tmp.replace(state_file)
     if _rank() == 0:
         save_resolved(cfg, ckpt / "config.yaml")
@@ -118,7 +103,7 @@ def load(load_dir: str, engines) -> Optional[dict]:
     if not state_file.is_file():  # resumed on more ranks than saved: rank 0's position and stats
         state_file = ckpt / "trainer_state_rank0.pt"
     state = torch.load(state_file, map_location="cpu", weights_only=True)
-    set_rng_state(state.pop("rng"))
+    rng_state.restore(state.pop("rng"))
     return state
 
 
