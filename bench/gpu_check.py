@@ -181,7 +181,7 @@ def step_pretrain(check: Check, data: dict, backend: str) -> Path | None:
     t0 = time.perf_counter()
     ok, why = check.run("pretrain_resume", torchrun("pretrain_qwen.py", *common, "--save", ck, "--load", ck,
                                                     "--metrics-file", m2), 240)
-    ok2, why2 = (check.run("pretrain_ref", torchrun("pretrain_qwen.py", *common, "--save", ref,
+    ok2, why2 = (check.run("pretrain_ref", torchrun("pretrain_qwen.py", *common, "--save", ref, "--load", ref,
                                                      "--metrics-file", mref), 240) if ok else (False, why))
     resumed, straight = losses(m2), losses(mref)
     same = ok and ok2 and resumed and all(resumed.get(i) == straight.get(i) for i in (4, 5, 6))

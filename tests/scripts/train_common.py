@@ -43,3 +43,23 @@ def read_metrics(path) -> list[dict]:
 
 def losses(path) -> dict[int, float]:
     return {r["iteration"]: r["lm_loss"] for r in read_metrics(path)}
+
+
+def run_trainings(common: list, runs, out: str, only=()) -> None:
+    """Train each (name, flags) of ``runs`` in turn in this torchrun launch, ``common`` flags
+    first, metrics to OUT/NAME.jsonl; ``only`` names a subset (debugging). Tears the groups down."""
+    from megatron_qwen.config import load_config
+    from megatron_qwen.runtime import destroy, init_distributed
+    from megatron_qwen.training.config import PretrainConfig
+    from megatron_qwen.training.loop import train
+
+    for name, flags in runs:
+        if only and name not in only:
+            continue
+        cfg = load_config(PretrainConfig, common + flags + ["--metrics-file", f"{out}/{name}.jsonl"])
+        init_distributed(cfg.parallel, seed=cfg.train.seed)
+        train(cfg)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            print(f"done {name}", flush=True)
+    destroy()

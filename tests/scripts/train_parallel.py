@@ -9,12 +9,7 @@ Launched with 2 processes it runs LAYOUTS, with 4 the combined layouts of LAYOUT
 import os
 import sys
 
-import torch
-
-from megatron_qwen.config import load_config
-from megatron_qwen.runtime import destroy, init_distributed
-from megatron_qwen.training.config import PretrainConfig
-from megatron_qwen.training.loop import train
+from train_common import run_trainings
 
 
 def main():
@@ -49,17 +44,7 @@ def main():
         resume = {"tp2": LAYOUTS["tp2"], "pp2": LAYOUTS["pp2"], "dp2": []}
         runs += [(f"resume_{name}", flags + ["--load", resume_ckpt]) for name, flags in resume.items()]
 
-    only = set(sys.argv[5:])  # optional: run only these (debugging)
-    for name, flags in runs:
-        if only and name not in only:
-            continue
-        cfg = load_config(PretrainConfig, COMMON + flags + ["--metrics-file", f"{out}/{name}.jsonl"])
-        init_distributed(cfg.parallel, seed=cfg.train.seed)
-        train(cfg)
-        torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0:
-            print(f"done {name}", flush=True)
-    destroy()
+    run_trainings(COMMON, runs, out, only=set(sys.argv[5:]))
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns helper processes that re-import this file

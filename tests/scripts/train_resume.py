@@ -10,12 +10,7 @@ distributed optimizer (``dist_pp2vpp2``: two virtual stages per rank, interleave
 
 import sys
 
-import torch
-
-from megatron_qwen.config import load_config
-from megatron_qwen.runtime import destroy, init_distributed
-from megatron_qwen.training.config import PretrainConfig
-from megatron_qwen.training.loop import train
+from train_common import run_trainings
 
 ITERS, STOP = 6, 3
 DIST = ["--use-distributed-optimizer"]
@@ -47,17 +42,7 @@ def main():
               "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(ITERS),
               "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--log-interval", "1",
               "--num-workers", "0", "--seed", "7", "--no-exit-signal-handler", "--eod-id", "999"]
-    only = set(sys.argv[3:])  # optional: run only these (debugging)
-    for name, flags in runs(out).items():
-        if only and name not in only:
-            continue
-        cfg = load_config(PretrainConfig, common + flags + ["--metrics-file", f"{out}/{name}.jsonl"])
-        init_distributed(cfg.parallel, seed=cfg.train.seed)
-        train(cfg)
-        torch.distributed.barrier()
-        if torch.distributed.get_rank() == 0:
-            print(f"done {name}", flush=True)
-    destroy()
+    run_trainings(common, runs(out).items(), out, only=set(sys.argv[3:]))
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns helper processes that re-import this file
