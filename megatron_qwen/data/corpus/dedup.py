@@ -28,15 +28,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import unicodedata
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import regex
 import xxhash
 
 from megatron_qwen.config import ConfigError
-from megatron_qwen.data.corpus import minhash
+from megatron_qwen.data.corpus import minhash, partitioned
 from megatron_qwen.data.corpus.jsonl import ReadOptions, dump_line
 from megatron_qwen.data.corpus.runner import (
     JobConfig, Remove, Summary, same_file, atomic_paths, check_job_paths, map_chunks, write_filtered,
@@ -69,6 +70,9 @@ class DedupConfig:
     scheme: str = "affine32"  # affine32 | affine64 | mersenne (see minhash.py)
     seed: int = 1
     bands_per_pass: Optional[int] = None  # band this many bands per pass (bounds memory)
+    # bounded memory at any corpus size (partitioned.py): state on disk in this many partitions
+    partitions: Optional[int] = None
+    work_dir: Optional[str] = None  # where (default: beside --output); removed at the end
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -93,6 +97,15 @@ class DedupConfig:
                 raise ConfigError(f"dedup.bands x rows = {self.bands * self.rows} exceeds num_perm={self.num_perm}")
         if self.bands_per_pass is not None and self.bands_per_pass < 1:
             raise ConfigError(f"dedup.bands_per_pass={self.bands_per_pass} must be >= 1")
+        if self.partitions is not None:
+            if self.partitions < 1:
+                raise ConfigError(f"dedup.partitions={self.partitions} must be >= 1")
+            if self.verify:
+                raise ConfigError("dedup.verify: not available with --partitions yet (use the in-memory path)")
+            if self.bands_per_pass is not None:
+                raise ConfigError("dedup.bands_per_pass: the in-memory path's bound; --partitions replaces it")
+        elif self.work_dir is not None:
+            raise ConfigError("dedup.work_dir: only used with --partitions P")
         if min(self.false_positive_weight, self.false_negative_weight) < 0 or \
                 self.false_positive_weight + self.false_negative_weight <= 0:
             raise ConfigError("dedup.false_positive_weight/false_negative_weight must be >= 0, not both 0")
@@ -343,9 +356,140 @@ def _one_ray_runtime(job: JobConfig):
         ray.shutdown()
 
 
+# --------------------------------------------------------------------------- partitioned
+
+
+class _PartitionSignWork:
+    """Worker side of the partitioned pass 1: places, and exact keys or signatures + bucket records."""
+
+    def __init__(self, dd: DedupConfig):
+        self.exact = dd.method == "exact"
+        self.text_key, self.id_key = dd.text_key, dd.id_key
+        self.sign = None if self.exact else _SignWork(dd)
+        self.bands, self.rows = (0, 0) if self.exact else dd.band_shape()
+
+    def __call__(self, docs):
+        blob, lengths = partitioned.places_blob(docs, self.id_key)
+        if self.exact:
+            keys = np.frombuffer(b"".join(exact_key(d.record[self.text_key]) for d in docs), dtype="<u8")
+            rec = np.empty(len(docs), dtype=partitioned.EXACT)
+            rec["k1"], rec["k2"], rec["pos"] = keys[0::2], keys[1::2], np.arange(len(docs))
+            return blob, lengths, rec, None
+        _, sigs = self.sign(docs)
+        active = np.flatnonzero(~np.all(sigs == np.iinfo(sigs.dtype).max, axis=1))
+        rec = np.empty(len(active) * self.bands, dtype=partitioned.BUCKET)
+        for band in range(self.bands):
+            part = rec[band * len(active) : (band + 1) * len(active)]
+            part["band"], part["pos"] = band, active
+            part["key"] = minhash.band_keys(sigs[active], band, self.rows)
+        return blob, lengths, rec, sigs
+
+
+class _LineWork:
+    """Worker side of the partitioned write pass: where each record is, and its JSONL line."""
+
+    def __init__(self, id_key: str):
+        self.id_key = id_key
+
+    def __call__(self, docs):
+        return [(doc.file, doc.line, doc.record.get(self.id_key), dump_line(doc.record)) for doc in docs]
+
+
+def _duplicates(work: str, parts: int) -> Iterator[tuple]:
+    """(position, root, cluster size, estimated Jaccard) of each duplicate, in input order."""
+    for part in partitioned.iter_duplicates(work, parts):
+        for lo in range(0, len(part), 1 << 16):
+            yield from zip(*(part[k][lo : lo + (1 << 16)].tolist() for k in ("pos", "root", "size", "est")))
+
+
+def run_partitioned(cfg: DedupToolConfig) -> Summary:
+    """Exact or MinHash dedup whose memory does not grow with the corpus (``partitioned.py``)."""
+    job, dd = cfg.job, cfg.dedup
+    parts, exact = dd.partitions, dd.method == "exact"
+    summary = DedupSummary(f"dedup {dd.method}", job)
+    read = ReadOptions(required_keys=(dd.text_key,))
+    bands, rows = (0, 0) if exact else dd.band_shape()
+    dtype = "<u4" if dd.scheme == "affine32" else "<u8"
+    P = partitioned
+    with P.work_dir(dd.work_dir, dd.output) as work:
+        places = P.PlaceStore(work)
+        buckets = P.Appender(work, "keys" if exact else "buckets", parts, P.EXACT if exact else P.BUCKET)
+        with open(os.path.join(work, "signatures.bin"), "wb", buffering=1 << 20) as sig_file:
+            n = 0
+            for blob, lengths, rec, sigs in map_chunks(_PartitionSignWork(dd), job, read, summary):
+                places.add(blob, lengths)
+                rec["pos"] += n
+                buckets.add(rec, (rec["k1"] if exact else rec["key"]) % np.uint64(parts))
+                if sigs is not None:
+                    sig_file.write(np.ascontiguousarray(sigs, dtype=dtype).tobytes())
+                n += len(lengths)
+        places.close()
+        buckets.close()
+        summary.close()
+
+        def each(fn, *args):
+            return partitioned.map_partitions(fn, [(work, p, parts, *args) for p in range(parts)],
+                                              job.workers, job.ray)
+
+        if exact:
+            summary.facts["unique_texts"] = sum(each(P.exact_bucket_task, n))
+        else:
+            candidates = sum(each(P.minhash_bucket_task, n, dd.num_perm, dtype, rows))
+            rounds = 0
+            while sum(each(P.label_task, rounds)):
+                rounds += 1
+            each(P.roots_task)
+            clusters = sum(each(P.sizes_task, n, dd.num_perm, dtype))
+            summary.facts.update(bands=bands, rows=rows, candidate_pairs=candidates, clusters=clusters,
+                                 label_rounds=rounds + 1)
+        each(P.order_task)
+        final = DedupSummary(f"dedup {dd.method} (write)", job)
+        reason = "exact_duplicate" if exact else "near_duplicate"
+        paths = (dd.output, dd.report) + ((dd.removed,) if dd.removed else ())
+        with atomic_paths(*paths) as tmps, places.reader() as place_of:
+            files = [open(t, "wb") for t in tmps]
+            try:
+                dups = _duplicates(work, parts)
+                nxt = next(dups, None)
+                pos = 0
+                for results in map_chunks(_LineWork(dd.id_key), job, read, final):
+                    for file, line, ident, data in results:
+                        if nxt is None or nxt[0] != pos:
+                            files[0].write(data)
+                            final.kept += 1
+                        else:
+                            _, root, size, est = nxt
+                            first = place_of(root)
+                            entry = {**_place(file, line, ident), "duplicate_of": first}
+                            entry.update({"method": "exact"} if exact else
+                                         {"cluster": root, "cluster_size": size, "method": "minhash",
+                                          "estimated_jaccard": round(est, 4)})
+                            files[1].write(dump_line(entry))
+                            final.removed[reason] += 1
+                            if dd.removed:
+                                record = json.loads(data)
+                                detail = f"duplicate of {first['file']}:{first['line']}"
+                                record["_rejected"] = (
+                                    {"reason": reason, "source": f"{file}:{line}", "detail": detail} if exact
+                                    else {"reason": reason, "detail": detail, "source": f"{file}:{line}"})
+                                files[2].write(dump_line(record))
+                            nxt = next(dups, None)
+                        pos += 1
+            finally:
+                for f in files:
+                    f.close()
+        final.close()
+    summary.kept, summary.removed = final.kept, final.removed
+    summary.facts["partitions"] = parts
+    return summary
+
+
 def run(cfg: DedupToolConfig) -> Summary:
     """Run the configured method and finish its summary (report on stderr, --summary JSON)."""
-    if cfg.dedup.method == "exact":
+    if cfg.dedup.partitions is not None:
+        with _one_ray_runtime(cfg.job):
+            summary = run_partitioned(cfg)
+    elif cfg.dedup.method == "exact":
         summary = run_exact(cfg)
     else:
         with _one_ray_runtime(cfg.job):

@@ -1,0 +1,311 @@
+"""Dedup in bounded memory: signatures, buckets, pairs and clusters live on disk, in P partitions.
+
+The in-memory path (``dedup.run_exact`` / ``run_minhash``) holds one entry per document in the
+driver. This one (``--partitions P``) holds none: what grows with the corpus is written to a work
+directory as it is computed and later read back one partition at a time, by partition tasks that
+run on local processes or as Ray tasks (the work directory must then be on a file system every
+Ray node sees). It removes exactly the records the in-memory path removes and writes the same
+bytes (tested), because it computes the same thing:
+
+1. **Sign pass** (the runner's chunk workers): per record its place (file, line, id), and for
+   MinHash its signature and one (band, key, position) bucket record per band (exact: its
+   128-bit key). The driver gives each chunk its global positions and appends: places to
+   ``places.jsonl`` (+ an offset per record), signatures to ``signatures.bin`` (row = position),
+   bucket records to partition ``key % P``. Nothing is kept.
+2. **Buckets** (one task per partition): sort by (band, key, position); every member of a bucket
+   is paired with its first document, and the pair is kept when the two rows really are equal
+   (read from the signature file: only the pairs' rows are touched), as ``minhash.band_edges``
+   does. Exact: every record of a key after the first is a duplicate of the first.
+3. **Connected components** (MinHash): min-label propagation over the candidate graph, one
+   wave of P tasks a round. Each node's label starts as itself; a node whose label dropped sends
+   it to its neighbours (edges stored both ways, partitioned by ``node % P``); a round ends with
+   every partition holding its nodes' minimum label so far, and the loop stops when no label
+   changed. The result is each node's component minimum: ``minhash.components``' root.
+   Rounds = the largest distance from a node to its component's minimum, plus one.
+4. **Duplicates** (root, cluster size, estimated Jaccard) are range-partitioned by position so
+   that partition files in order are input order; the **write pass** reads the input again and
+   streams it against them.
+
+Memory: the driver holds a window of chunk results and P open files; a task holds one partition
+(about N x bands x 20 bytes / P for buckets). Disk: see docs/dedup.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from megatron_qwen.data.corpus import minhash
+
+BUCKET = np.dtype([("band", "<i4"), ("key", "<u8"), ("pos", "<i8")])
+EXACT = np.dtype([("k1", "<u8"), ("k2", "<u8"), ("pos", "<i8")])
+EDGE = np.dtype([("a", "<i8"), ("b", "<i8")])  # also (node, label) messages and labels
+DUP = np.dtype([("pos", "<i8"), ("root", "<i8"), ("size", "<i8"), ("est", "<f8")])
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _save(path: str, array: np.ndarray) -> None:
+    """Write-then-rename, so a task that is retried (a worker died) rewrites the same file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _load(path: str, mmap: bool = False) -> np.ndarray:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def write_shuffle(work: str, name: str, source: int, records: np.ndarray, dest: np.ndarray, parts: int) -> None:
+    """One task's records for every partition: sorted by destination, with offsets."""
+    order = np.argsort(dest, kind="stable")
+    offsets = np.searchsorted(dest[order], np.arange(parts + 1))
+    _save(os.path.join(work, f"{name}-{source}.off.npy"), offsets.astype(np.int64))
+    _save(os.path.join(work, f"{name}-{source}.npy"), records[order])
+
+
+def read_shuffle(work: str, name: str, dest: int, parts: int, dtype: np.dtype) -> np.ndarray:
+    """Every source's records for partition ``dest``."""
+    pieces = []
+    for source in range(parts):
+        offsets = _load(os.path.join(work, f"{name}-{source}.off.npy"))
+        data = _load(os.path.join(work, f"{name}-{source}.npy"), mmap=True)
+        pieces.append(np.array(data[offsets[dest] : offsets[dest + 1]]))
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype)
+
+
+class Appender:
+    """The driver's append-only partition files: records go to file ``part(record)``."""
+
+    def __init__(self, work: str, name: str, parts: int, dtype: np.dtype):
+        self.paths = [os.path.join(work, f"{name}-{p}.bin") for p in range(parts)]
+        self.files = [open(p, "wb", buffering=1 << 16) for p in self.paths]
+        self.dtype = dtype
+
+    def add(self, records: np.ndarray, part: np.ndarray) -> None:
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(len(self.files) + 1))
+        records = records[order]
+        for p, f in enumerate(self.files):
+            if bounds[p + 1] > bounds[p]:
+                f.write(records[bounds[p] : bounds[p + 1]].tobytes())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def read_appended(work: str, name: str, part: int, dtype: np.dtype) -> np.ndarray:
+    return np.fromfile(os.path.join(work, f"{name}-{part}.bin"), dtype=dtype)
+
+
+class PlaceStore:
+    """(file, line, id) of every record by position: one JSON line each and its offset."""
+
+    def __init__(self, work: str):
+        self.path, self.index = os.path.join(work, "places.jsonl"), os.path.join(work, "places.off")
+        self._data = open(self.path, "wb", buffering=1 << 16)
+        self._off = open(self.index, "wb", buffering=1 << 16)
+        self.size = 0
+        self.count = 0
+
+    def add(self, blob: bytes, lengths: np.ndarray) -> None:
+        ends = np.cumsum(lengths, dtype=np.int64)
+        self._off.write((self.size + ends - lengths).astype("<i8").tobytes())
+        self._data.write(blob)
+        self.size += len(blob)
+        self.count += len(lengths)
+
+    def close(self) -> None:
+        self._data.close()
+        self._off.close()
+
+    @contextlib.contextmanager
+    def reader(self):
+        offsets = np.memmap(self.index, dtype="<i8", mode="r") if self.count else np.empty(0, np.int64)
+        with open(self.path, "rb") as f:
+            def place(pos: int) -> dict:
+                f.seek(int(offsets[pos]))
+                file, line, ident = json.loads(f.readline())
+                out = {"file": file, "line": line}
+                if ident is not None:
+                    out["id"] = ident
+                return out
+            yield place
+
+
+def places_blob(docs, id_key: str) -> tuple[bytes, np.ndarray]:
+    """Worker side of ``PlaceStore.add``: the chunk's place lines and their lengths."""
+    lines = [(json.dumps([d.file, d.line, d.record.get(id_key)], ensure_ascii=False) + "\n").encode("utf-8")
+             for d in docs]
+    return b"".join(lines), np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+
+
+@contextlib.contextmanager
+def work_dir(parent: Optional[str], beside: str):
+    """A fresh directory for one run (under ``parent``, else beside the output), always removed."""
+    base = parent or os.path.dirname(os.path.abspath(beside))
+    os.makedirs(base, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="dedup-work-", dir=base)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- partition tasks
+
+
+def _call(args):
+    fn, arg = args
+    return fn(*arg)
+
+
+def map_partitions(fn: Callable, args: Sequence[tuple], workers: int, ray_address: Optional[str]) -> list:
+    """``[fn(*a) for a in args]`` on local processes or Ray tasks (results in order).
+
+    A Ray task whose worker dies is retried (files are written then renamed, so a retry rewrites
+    the same bytes). Runs in this process when there is one worker and no Ray.
+    """
+    if ray_address:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=3)(fn)
+        return ray.get([task.remote(*a) for a in args])
+    if workers > 1 and len(args) > 1:
+        import multiprocessing
+
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ctx.Pool(min(workers, len(args))) as pool:
+            return pool.map(_call, [(fn, a) for a in args], chunksize=1)
+    return [fn(*a) for a in args]
+
+
+def _range_part(pos: np.ndarray, n: int, parts: int) -> np.ndarray:
+    """Contiguous position ranges: partition files read in order are input order."""
+    return (pos.astype(np.int64) * parts // max(n, 1)).astype(np.int64)
+
+
+def exact_bucket_task(work: str, part: int, parts: int, n: int) -> int:
+    """Sort one partition of exact keys: later records of a key duplicate its first. -> distinct keys."""
+    rec = read_appended(work, "keys", part, EXACT)
+    rec = rec[np.lexsort((rec["pos"], rec["k2"], rec["k1"]))]
+    new = np.ones(len(rec), dtype=bool)
+    new[1:] = (rec["k1"][1:] != rec["k1"][:-1]) | (rec["k2"][1:] != rec["k2"][:-1])
+    first = rec["pos"][np.flatnonzero(new)][np.cumsum(new) - 1]
+    dup = np.zeros(int(np.count_nonzero(~new)), dtype=DUP)
+    dup["pos"], dup["root"] = rec["pos"][~new], first[~new]
+    write_shuffle(work, "dups", part, dup, _range_part(dup["pos"], n, parts), parts)
+    return int(np.count_nonzero(new))
+
+
+def _signatures(work: str, n: int, num_perm: int, dtype: str) -> np.ndarray:
+    if n == 0:
+        return np.empty((0, num_perm), dtype=dtype)
+    return np.memmap(os.path.join(work, "signatures.bin"), dtype=dtype, mode="r", shape=(n, num_perm))
+
+
+def minhash_bucket_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: str, rows: int) -> int:
+    """Candidate pairs of one bucket partition (``band_edges``' rule), stored both ways by node."""
+    rec = read_appended(work, "buckets", part, BUCKET)
+    rec = rec[np.lexsort((rec["pos"], rec["key"], rec["band"]))]
+    new = np.ones(len(rec), dtype=bool)
+    new[1:] = (rec["key"][1:] != rec["key"][:-1]) | (rec["band"][1:] != rec["band"][:-1])
+    first = rec["pos"][np.flatnonzero(new)][np.cumsum(new) - 1]
+    src, dst, band = first[~new], rec["pos"][~new], rec["band"][~new]
+    sigs = _signatures(work, n, num_perm, dtype)
+    same = np.ones(len(src), dtype=bool)
+    if len(src):
+        cols = band[:, None] * rows + np.arange(rows)[None, :]
+        a, b = sigs[src], sigs[dst]
+        same = np.all(np.take_along_axis(a, cols, 1) == np.take_along_axis(b, cols, 1), axis=1)
+    src, dst = src[same], dst[same]
+    edges = np.empty(2 * len(src), dtype=EDGE)
+    edges["a"], edges["b"] = np.concatenate([src, dst]), np.concatenate([dst, src])
+    write_shuffle(work, "edges", part, edges, edges["a"] % parts, parts)
+    return len(src)
+
+
+def _min_per_node(node: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """(node, label) records reduced to one per node with its least label."""
+    order = np.lexsort((label, node))
+    node, label = node[order], label[order]
+    first = np.ones(len(node), dtype=bool)
+    first[1:] = node[1:] != node[:-1]
+    out = np.empty(int(first.sum()), dtype=EDGE)
+    out["a"], out["b"] = node[first], label[first]
+    return out
+
+
+def label_task(work: str, part: int, parts: int, round_: int) -> int:
+    """One round of min-label propagation for the nodes of ``part`` -> messages sent."""
+    adj_path, lab_path = os.path.join(work, f"adj-{part}.npy"), os.path.join(work, f"labels-{part}.npy")
+    if round_ == 0:
+        edges = read_shuffle(work, "edges", part, parts, EDGE)
+        edges = np.unique(edges)  # sorted by (a, b)
+        nodes = np.unique(edges["a"])
+        labels = nodes.copy()
+        changed = np.ones(len(nodes), dtype=bool)
+        _save(adj_path, edges)
+    else:
+        edges = _load(adj_path)
+        lab = _load(lab_path)
+        nodes, labels = lab["a"], lab["b"].copy()
+        msgs = read_shuffle(work, f"msg{round_ - 1}", part, parts, EDGE)
+        old = labels.copy()
+        np.minimum.at(labels, np.searchsorted(nodes, msgs["a"]), msgs["b"])
+        changed = labels < old
+    lab = np.empty(len(nodes), dtype=EDGE)
+    lab["a"], lab["b"] = nodes, labels
+    _save(lab_path, lab)
+    at = np.searchsorted(nodes, edges["a"])
+    send = changed[at] if len(edges) else np.zeros(0, dtype=bool)
+    msgs = _min_per_node(edges["b"][send], labels[at[send]])
+    write_shuffle(work, f"msg{round_}", part, msgs, msgs["a"] % parts, parts)
+    return len(msgs)
+
+
+def roots_task(work: str, part: int, parts: int) -> None:
+    """Each node's (root, node) to the root's partition, to count cluster sizes there."""
+    lab = _load(os.path.join(work, f"labels-{part}.npy"))
+    out = np.empty(len(lab), dtype=EDGE)
+    out["a"], out["b"] = lab["b"], lab["a"]
+    write_shuffle(work, "roots", part, out, out["a"] % parts, parts)
+
+
+def sizes_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: str) -> int:
+    """Cluster sizes and estimated Jaccard of each duplicate -> clusters rooted here."""
+    members = read_shuffle(work, "roots", part, parts, EDGE)
+    roots, inverse, counts = np.unique(members["a"], return_inverse=True, return_counts=True)
+    dup_mask = members["b"] != members["a"]
+    dup = np.zeros(int(dup_mask.sum()), dtype=DUP)
+    dup["pos"], dup["root"] = members["b"][dup_mask], members["a"][dup_mask]
+    dup["size"] = counts[inverse[dup_mask]]
+    sigs = _signatures(work, n, num_perm, dtype)
+    if len(dup):
+        dup["est"] = minhash.estimated_jaccard(sigs[dup["pos"]], sigs[dup["root"]])
+    write_shuffle(work, "dups", part, dup, _range_part(dup["pos"], n, parts), parts)
+    return len(roots)
+
+
+def order_task(work: str, part: int, parts: int) -> int:
+    """The duplicates of one position range, sorted: partition files in order are input order."""
+    dup = read_shuffle(work, "dups", part, parts, DUP)
+    dup = dup[np.argsort(dup["pos"], kind="stable")]
+    _save(os.path.join(work, f"final-{part}.npy"), dup)
+    return len(dup)
+
+
+def iter_duplicates(work: str, parts: int) -> Iterator[np.ndarray]:
+    """The DUP records in input order, one memory-mapped partition at a time."""
+    for part in range(parts):
+        yield _load(os.path.join(work, f"final-{part}.npy"), mmap=True)
