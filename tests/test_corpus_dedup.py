@@ -360,3 +360,113 @@ def test_the_same_file_given_twice_is_refused(tmp_path, method):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1 and proc.stderr.strip() == message.format(src)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.jsonl", "in.jsonl", "link.jsonl"]
+
+
+# --------------------------------------------------------------------------- partitioned (bounded memory)
+
+
+def _dedup_records(english_words) -> list:
+    docs = _windows(english_words, 120, 60, 120)
+    records = [{"id": i, "text": t} for i, t in enumerate(docs)]
+    records += [{"id": 100 + i, "text": docs[i].upper()} for i in range(0, 60, 7)]  # exact copies
+    records += [{"id": 200 + i, "text": docs[i].replace(" the ", " a ", 1)} for i in range(3, 60, 7)]
+    records += [{"text": docs[5][: len(docs[5]) // 2]}, {"id": None, "text": "!!!"}, {"id": 7.5, "text": "..."}]
+    return records
+
+
+def test_partitioned_writes_what_the_in_memory_path_writes(tmp_path, english_words):
+    """--partitions P keeps its state on disk; the kept records, the report and the removed
+    records are the same bytes as the in-memory path's, for any P, workers and chunking."""
+    records = _dedup_records(english_words)
+    removed = tmp_path / "removed.jsonl"
+    for method in ("exact", "minhash"):
+        outputs = []
+        for flags in ((), ("--partitions", "1"), ("--partitions", "3", "--chunk-bytes", "3000"),
+                      ("--partitions", "4", "--workers", "2", "--work-dir", str(tmp_path / "work"))):
+            name = method + "-".join(flags[:2])
+            _, _, summary, out = _run(tmp_path, records, "--method", method, "--removed", str(removed),
+                                      *flags, name=name)
+            outputs.append((out.read_bytes(), open(f"{out}.duplicates.jsonl", "rb").read(),
+                            removed.read_bytes(), summary.kept, dict(summary.removed),
+                            {k: v for k, v in summary.facts.items() if k not in ("partitions", "label_rounds")}))
+        assert all(o == outputs[0] for o in outputs[1:]), method
+        assert outputs[0][3] < len(records) and removed.read_bytes().count(b"\n") == len(records) - outputs[0][3]
+    assert not (tmp_path / "work").exists() or not list((tmp_path / "work").iterdir())  # work files removed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("dedup-work-")]
+
+
+def test_partitioned_clusters_equal_lsh_clusters(tmp_path):
+    """The partition tasks (buckets, min-label propagation, sizes) give ``lsh_clusters``' roots
+    on signatures with a 40-document chain (40 rounds of propagation), planted clusters, empty
+    documents, and a forged bucket key whose rows differ (must not link)."""
+    from megatron_qwen.data.corpus import partitioned as P
+
+    rng = np.random.default_rng(3)
+    bands, rows, n, parts = 5, 4, 400, 3
+    sigs = rng.integers(0, 1 << 32, (n, bands * rows), dtype=np.uint64).astype(np.uint32)
+    chain = rng.permutation(np.arange(100, 300))[:40]  # a path through 40 scattered documents
+    for k in range(1, len(chain)):
+        b = k % bands
+        sigs[chain[k], b * rows : (b + 1) * rows] = sigs[chain[k - 1], b * rows : (b + 1) * rows]
+    for i in range(300, 390, 3):  # clusters of three sharing one band each
+        sigs[i + 1, :rows] = sigs[i, :rows]
+        sigs[i + 2, 2 * rows : 3 * rows] = sigs[i + 1, 2 * rows : 3 * rows]
+    sigs[[395, 396]] = np.iinfo(np.uint32).max  # no shingles: never clustered
+    expect = minhash.lsh_clusters(sigs, bands, rows)
+    work = str(tmp_path)
+    sigs.tofile(os.path.join(work, "signatures.bin"))
+    active = np.flatnonzero(~np.all(sigs == np.iinfo(np.uint32).max, axis=1))
+    buckets = P.Appender(work, "buckets", parts, P.BUCKET)
+    for band in range(bands):
+        rec = np.empty(len(active), dtype=P.BUCKET)
+        rec["band"], rec["pos"], rec["key"] = band, active, minhash.band_keys(sigs[active], band, rows)
+        if band == 1:  # the last document forged into document 301's bucket of band 1
+            rec["key"][active == 399] = rec["key"][active == 301]
+        buckets.add(rec, rec["key"] % np.uint64(parts))
+    buckets.close()
+    facts = P.minhash_duplicates(work, n, parts, bands * rows, "<u4", rows)
+    assert facts["candidate_pairs"] == expect.candidate_pairs
+    assert facts["label_rounds"] >= len(chain) // 2
+    root = np.arange(n)
+    sizes = {}
+    for part in P.iter_duplicates(work, parts):
+        root[part["pos"]] = part["root"]
+        sizes.update(zip(part["root"].tolist(), part["size"].tolist()))
+        assert np.array_equal(part["est"], minhash.estimated_jaccard(sigs[part["pos"]], sigs[part["root"]]))
+    assert np.array_equal(root, expect.root)
+    assert sizes == {r: int(np.count_nonzero(expect.root == r)) for r in sizes}
+    assert facts["clusters"] == len(sizes) == 31
+
+
+def _peak_bytes(src, out, *flags) -> int:
+    """Peak of Python and numpy allocations in this process during one dedup run."""
+    import tracemalloc
+
+    cfg = parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(out), "--no-progress", *flags])
+    tracemalloc.start()
+    try:
+        dedup.run(cfg)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_partitioned_memory_does_not_grow_with_the_corpus(tmp_path, english_words):
+    """Peak memory of a run (driver and, with one worker, every task) at 4x the documents and 4x
+    the partitions: flat within 1.2x (issue 17's target) with --partitions, while the in-memory
+    path adds >= 100 bytes a document (a signature, a place, for exact a hash entry)."""
+    minhash._char_tables(), minhash._nfkc_singles()  # built once per process: not the run's
+    peaks = {}
+    for n in (600, 2400):
+        texts = _windows(english_words, 30, n, 5)
+        src = tmp_path / f"in{n}.jsonl"
+        src.write_text("".join(json.dumps({"id": i, "text": texts[i - (i % 5 == 4)]}) + "\n"
+                               for i in range(n)))
+        for method in ("exact", "minhash"):
+            for path, flags in (("partitioned", ("--partitions", str(n // 600))), ("memory", ())):
+                peaks[method, path, n] = _peak_bytes(src, tmp_path / f"{path}.jsonl", "--method", method,
+                                                     "--chunk-bytes", "8000", *flags)
+    for method in ("exact", "minhash"):
+        grown = {path: peaks[method, path, 2400] - peaks[method, path, 600] for path in ("partitioned", "memory")}
+        assert grown["memory"] > 100 * 1800, (method, peaks)  # >= 100 bytes a document
+        assert peaks[method, "partitioned", 2400] < 1.2 * peaks[method, "partitioned", 600], (method, peaks)

@@ -427,22 +427,12 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
         buckets.close()
         summary.close()
 
-        def each(fn, *args):
-            return partitioned.map_partitions(fn, [(work, p, parts, *args) for p in range(parts)],
-                                              job.workers, job.ray)
-
         if exact:
-            summary.facts["unique_texts"] = sum(each(P.exact_bucket_task, n))
+            summary.facts.update(P.exact_duplicates(work, n, parts, job.workers, job.ray))
         else:
-            candidates = sum(each(P.minhash_bucket_task, n, dd.num_perm, dtype, rows))
-            rounds = 0
-            while sum(each(P.label_task, rounds)):
-                rounds += 1
-            each(P.roots_task)
-            clusters = sum(each(P.sizes_task, n, dd.num_perm, dtype))
-            summary.facts.update(bands=bands, rows=rows, candidate_pairs=candidates, clusters=clusters,
-                                 label_rounds=rounds + 1)
-        each(P.order_task)
+            summary.facts.update(bands=bands, rows=rows)
+            summary.facts.update(P.minhash_duplicates(work, n, parts, dd.num_perm, dtype, rows,
+                                                      job.workers, job.ray))
         final = DedupSummary(f"dedup {dd.method} (write)", job)
         reason = "exact_duplicate" if exact else "near_duplicate"
         paths = (dd.output, dd.report) + ((dd.removed,) if dd.removed else ())

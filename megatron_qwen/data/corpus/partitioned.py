@@ -33,6 +33,7 @@ Memory: the driver holds a window of chunk results and P open files; a task hold
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -87,7 +88,7 @@ class Appender:
 
     def __init__(self, work: str, name: str, parts: int, dtype: np.dtype):
         self.paths = [os.path.join(work, f"{name}-{p}.bin") for p in range(parts)]
-        self.files = [open(p, "wb", buffering=1 << 16) for p in self.paths]
+        self.files = [open(p, "wb") for p in self.paths]  # default 8 KB buffers: P of them
         self.dtype = dtype
 
     def add(self, records: np.ndarray, part: np.ndarray) -> None:
@@ -303,6 +304,39 @@ def order_task(work: str, part: int, parts: int) -> int:
     dup = dup[np.argsort(dup["pos"], kind="stable")]
     _save(os.path.join(work, f"final-{part}.npy"), dup)
     return len(dup)
+
+
+def _each(work: str, parts: int, workers: int, ray_address: Optional[str], fn: Callable, *args) -> list:
+    return map_partitions(fn, [(work, p, parts, *args) for p in range(parts)], workers, ray_address)
+
+
+def exact_duplicates(work: str, n: int, parts: int, workers: int = 1, ray_address: Optional[str] = None) -> dict:
+    """Stages 2 and 4 for exact keys (``keys-P.bin``) -> facts; then ``iter_duplicates``."""
+    distinct = sum(_each(work, parts, workers, ray_address, exact_bucket_task, n))
+    _each(work, parts, workers, ray_address, order_task)
+    return {"unique_texts": distinct}
+
+
+def minhash_duplicates(work: str, n: int, parts: int, num_perm: int, dtype: str, rows: int,
+                       workers: int = 1, ray_address: Optional[str] = None) -> dict:
+    """Stages 2-4 for MinHash (``buckets-P.bin``, ``signatures.bin``) -> facts; then ``iter_duplicates``."""
+    each = functools.partial(_each, work, parts, workers, ray_address)
+    candidates = sum(each(minhash_bucket_task, n, num_perm, dtype, rows))
+    rounds = 0
+    while sum(each(label_task, rounds)):
+        _remove(work, f"msg{rounds - 1}", parts)
+        rounds += 1
+    each(roots_task)
+    clusters = sum(each(sizes_task, n, num_perm, dtype))
+    each(order_task)
+    return {"candidate_pairs": candidates, "clusters": clusters, "label_rounds": rounds + 1}
+
+
+def _remove(work: str, name: str, parts: int) -> None:
+    for p in range(parts):
+        for ext in (".npy", ".off.npy"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(work, f"{name}-{p}{ext}"))
 
 
 def iter_duplicates(work: str, parts: int) -> Iterator[np.ndarray]:
