@@ -172,7 +172,10 @@ def ours_tool(src: Path, out: Path, num_perm, threshold):
     return [[root] + kids for root, kids in groups.items()]
 
 
-def datatrove_tool(src: Path, work: Path, num_perm, bands, rows):
+def datatrove_tool(src: Path, work: Path, num_perm, bands, rows, glob: str | None = None, workers: int = 1,
+                   files: int = 1):
+    """datatrove's four stages on ``src`` (or every file of ``src``'s folder matching ``glob``,
+    ``files`` of them: one task each in the signature and filter stages) -> predicted clusters."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (
         MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature,
@@ -203,7 +206,7 @@ def datatrove_tool(src: Path, work: Path, num_perm, bands, rows):
             return [(0, len(text))]
 
     cfg = MinhashConfig(n_grams=5, num_buckets=bands, hashes_per_bucket=rows, hash_config=HashConfig(precision=64))
-    reader = lambda: JsonlReader(str(src.parent), glob_pattern=src.name)  # noqa: E731
+    reader = lambda: JsonlReader(str(src.parent), glob_pattern=glob or src.name)  # noqa: E731
     stages = [
         [reader(), MinhashDedupSignature(output_folder=str(work / "sigs"), config=cfg, language=SameShingles())],
         [MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"), config=cfg)],
@@ -213,10 +216,12 @@ def datatrove_tool(src: Path, work: Path, num_perm, bands, rows):
                                       exclusion_writer=JsonlWriter(str(work / "removed"))),
          JsonlWriter(str(work / "kept"))],
     ]
-    tasks = [1, bands, 1, 1]
+    tasks = [files, bands, 1, files]
     for i, (pipeline, n) in enumerate(zip(stages, tasks)):
-        LocalPipelineExecutor(pipeline=pipeline, tasks=n, workers=1, logging_dir=str(work / f"logs{i}"),
-                              skip_completed=False).run()
+        # fork, not its default forkserver: the tasks are then our children, so getrusage counts
+        # their CPU time and memory (and they skip the forkserver's start)
+        LocalPipelineExecutor(pipeline=pipeline, tasks=n, workers=min(workers, n), logging_dir=str(work / f"logs{i}"),
+                              skip_completed=False, start_method="fork").run()
     groups = defaultdict(list)
     for folder in ("kept", "removed"):
         for path in (work / folder).glob("*.jsonl*"):
