@@ -376,20 +376,24 @@ def _dedup_records(english_words) -> list:
 
 def test_partitioned_writes_what_the_in_memory_path_writes(tmp_path, english_words):
     """--partitions P keeps its state on disk; the kept records, the report and the removed
-    records are the same bytes as the in-memory path's, for any P, workers and chunking."""
+    records are the same bytes as the in-memory path's, for any P, workers and chunking, with
+    and without --verify (with a loose LSH shape, so that verification rejects pairs)."""
     records = _dedup_records(english_words)
     removed = tmp_path / "removed.jsonl"
-    for method in ("exact", "minhash"):
+    for method, *verify in (("exact",), ("minhash",), ("minhash", "--verify", "--bands", "32", "--rows", "2")):
         outputs = []
         for flags in ((), ("--partitions", "1"), ("--partitions", "3", "--chunk-bytes", "3000"),
                       ("--partitions", "4", "--workers", "2", "--work-dir", str(tmp_path / "work"))):
             name = method + "-".join(flags[:2])
-            _, _, summary, out = _run(tmp_path, records, "--method", method, "--removed", str(removed),
-                                      *flags, name=name)
+            _, report, summary, out = _run(tmp_path, records, "--method", method, "--removed", str(removed),
+                                           *verify, *flags, name=name)
+            assert all(("jaccard" in r) == bool(verify) for r in report)
             outputs.append((out.read_bytes(), open(f"{out}.duplicates.jsonl", "rb").read(),
                             removed.read_bytes(), summary.kept, dict(summary.removed),
                             {k: v for k, v in summary.facts.items() if k not in ("partitions", "label_rounds")}))
-        assert all(o == outputs[0] for o in outputs[1:]), method
+        assert all(o == outputs[0] for o in outputs[1:]), (method, verify)
+        if verify:  # verification did reject candidates
+            assert outputs[0][5]["verified_pairs"] < outputs[0][5]["candidate_pairs"] / 2, outputs[0][3:]
         assert outputs[0][3] < len(records) and removed.read_bytes().count(b"\n") == len(records) - outputs[0][3]
     assert not (tmp_path / "work").exists() or not list((tmp_path / "work").iterdir())  # work files removed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("dedup-work-")]

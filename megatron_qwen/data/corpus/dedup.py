@@ -38,7 +38,7 @@ import xxhash
 
 from megatron_qwen.config import ConfigError
 from megatron_qwen.data.corpus import minhash, partitioned
-from megatron_qwen.data.corpus.jsonl import ReadOptions, dump_line
+from megatron_qwen.data.corpus.jsonl import CorpusError, ReadOptions, dump_line
 from megatron_qwen.data.corpus.runner import (
     JobConfig, Remove, Summary, same_file, atomic_paths, check_job_paths, map_chunks, write_filtered,
 )
@@ -100,8 +100,6 @@ class DedupConfig:
         if self.partitions is not None:
             if self.partitions < 1:
                 raise ConfigError(f"dedup.partitions={self.partitions} must be >= 1")
-            if self.verify:
-                raise ConfigError("dedup.verify: not available with --partitions yet (use the in-memory path)")
             if self.bands_per_pass is not None:
                 raise ConfigError("dedup.bands_per_pass: the in-memory path's bound; --partitions replaces it")
         elif self.work_dir is not None:
@@ -362,19 +360,21 @@ def _one_ray_runtime(job: JobConfig):
 class _PartitionSignWork:
     """Worker side of the partitioned pass 1: places, and exact keys or signatures + bucket records."""
 
-    def __init__(self, dd: DedupConfig):
+    def __init__(self, dd: DedupConfig, inputs: list):
         self.exact = dd.method == "exact"
         self.text_key, self.id_key = dd.text_key, dd.id_key
         self.sign = None if self.exact else _SignWork(dd)
         self.bands, self.rows = (0, 0) if self.exact else dd.band_shape()
+        self.index = {path: i for i, path in enumerate(inputs)} if dd.verify and not self.exact else None
 
     def __call__(self, docs):
         blob, lengths = partitioned.places_blob(docs, self.id_key)
+        where = (blob, lengths, None if self.index is None else _line_keys(docs, self.index))
         if self.exact:
             keys = np.frombuffer(b"".join(exact_key(d.record[self.text_key]) for d in docs), dtype="<u8")
             rec = np.empty(len(docs), dtype=partitioned.EXACT)
             rec["k1"], rec["k2"], rec["pos"] = keys[0::2], keys[1::2], np.arange(len(docs))
-            return blob, lengths, rec, None
+            return where, rec, None
         _, sigs = self.sign(docs)
         active = np.flatnonzero(~np.all(sigs == np.iinfo(sigs.dtype).max, axis=1))
         rec = np.empty(len(active) * self.bands, dtype=partitioned.BUCKET)
@@ -382,7 +382,38 @@ class _PartitionSignWork:
             part = rec[band * len(active) : (band + 1) * len(active)]
             part["band"], part["pos"] = band, active
             part["key"] = minhash.band_keys(sigs[active], band, self.rows)
-        return blob, lengths, rec, sigs
+        return where, rec, sigs
+
+
+def _line_keys(docs, index: dict) -> np.ndarray:
+    return np.array([(index[d.file] << partitioned.LINE_BITS) | d.line for d in docs], dtype=np.int64)
+
+
+class _WantedShingles:
+    """Worker side of the partitioned --verify pass: unique shingles of the wanted records, by rank."""
+
+    def __init__(self, dd: DedupConfig, inputs: list, work: str):
+        self.text_key = dd.text_key
+        self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
+        self.index = {path: i for i, path in enumerate(inputs)}
+        self.path = os.path.join(work, "wanted_keys.bin")
+        self._keys = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_keys": None}
+
+    def __call__(self, docs):
+        if self._keys is None:
+            size = os.path.getsize(self.path)
+            self._keys = np.memmap(self.path, dtype="<i8", mode="r") if size else np.empty(0, np.int64)
+        keys = _line_keys(docs, self.index)
+        ranks = np.searchsorted(self._keys, keys)
+        hit = ranks < len(self._keys)
+        hit[hit] = self._keys[ranks[hit]] == keys[hit]
+        picked = np.flatnonzero(hit)
+        hashes, counts = minhash.shingle_batch([docs[i].record[self.text_key] for i in picked], self.spec)
+        sets = [np.unique(p) for p in np.split(hashes, np.cumsum(counts)[:-1])] if len(picked) else []
+        return ranks[picked], sets
 
 
 class _LineWork:
@@ -396,10 +427,10 @@ class _LineWork:
 
 
 def _duplicates(work: str, parts: int) -> Iterator[tuple]:
-    """(position, root, cluster size, estimated Jaccard) of each duplicate, in input order."""
+    """(position, root, cluster size, estimated and true Jaccard) of each duplicate, in input order."""
     for part in partitioned.iter_duplicates(work, parts):
         for lo in range(0, len(part), 1 << 16):
-            yield from zip(*(part[k][lo : lo + (1 << 16)].tolist() for k in ("pos", "root", "size", "est")))
+            yield from zip(*(part[k][lo : lo + (1 << 16)].tolist() for k in ("pos", "root", "size", "est", "jac")))
 
 
 def run_partitioned(cfg: DedupToolConfig) -> Summary:
@@ -412,11 +443,14 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
     dtype = "<u4" if dd.scheme == "affine32" else "<u8"
     P = partitioned
     with P.work_dir(dd.work_dir, dd.output) as work:
+        line_file = open(os.path.join(work, "lines.bin"), "wb")
         places = P.PlaceStore(work)
         buckets = P.Appender(work, "keys" if exact else "buckets", parts, P.EXACT if exact else P.BUCKET)
         with open(os.path.join(work, "signatures.bin"), "wb", buffering=1 << 20) as sig_file:
             n = 0
-            for blob, lengths, rec, sigs in map_chunks(_PartitionSignWork(dd), job, read, summary):
+            for (blob, lengths, keys), rec, sigs in map_chunks(_PartitionSignWork(dd, job.input), job, read, summary):
+                if keys is not None:  # --verify finds its documents by (input, line)
+                    line_file.write(keys.astype("<i8").tobytes())
                 places.add(blob, lengths)
                 rec["pos"] += n
                 buckets.add(rec, (rec["k1"] if exact else rec["key"]) % np.uint64(parts))
@@ -425,14 +459,32 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
                 n += len(lengths)
         places.close()
         buckets.close()
+        line_file.close()
         summary.close()
+
+        def shingle_pass() -> None:
+            """Fill the shingle store: one more pass over the input, wanted records only."""
+            quiet = dataclasses.replace(job, progress=False)
+            with open(os.path.join(work, "shingles.bin"), "wb") as data, \
+                    open(os.path.join(work, "shingles.off"), "wb") as offsets:
+                offsets.write(np.zeros(1, "<i8").tobytes())
+                expect, end = 0, 0
+                for ranks, sets in map_chunks(_WantedShingles(dd, job.input, work), quiet, read, Summary("verify")):
+                    if len(ranks) and ranks[0] != expect:
+                        raise CorpusError(f"an input changed between the passes of dedup --verify")
+                    expect += len(ranks)
+                    for hashes in sets:
+                        data.write(hashes.astype("<u8").tobytes())
+                        end += len(hashes)
+                        offsets.write(np.array([end], "<i8").tobytes())
 
         if exact:
             summary.facts.update(P.exact_duplicates(work, n, parts, job.workers, job.ray))
         else:
             summary.facts.update(bands=bands, rows=rows)
             summary.facts.update(P.minhash_duplicates(work, n, parts, dd.num_perm, dtype, rows,
-                                                      job.workers, job.ray))
+                                                      job.workers, job.ray,
+                                                      shingle_pass if dd.verify else None, dd.threshold))
         final = DedupSummary(f"dedup {dd.method} (write)", job)
         reason = "exact_duplicate" if exact else "near_duplicate"
         paths = (dd.output, dd.report) + ((dd.removed,) if dd.removed else ())
@@ -448,12 +500,14 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
                             files[0].write(data)
                             final.kept += 1
                         else:
-                            _, root, size, est = nxt
+                            _, root, size, est, jac = nxt
                             first = place_of(root)
                             entry = {**_place(file, line, ident), "duplicate_of": first}
                             entry.update({"method": "exact"} if exact else
                                          {"cluster": root, "cluster_size": size, "method": "minhash",
                                           "estimated_jaccard": round(est, 4)})
+                            if dd.verify and not exact:
+                                entry["jaccard"] = round(jac, 4)
                             files[1].write(dump_line(entry))
                             final.removed[reason] += 1
                             if dd.removed:

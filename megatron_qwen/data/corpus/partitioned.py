@@ -47,7 +47,8 @@ from megatron_qwen.data.corpus import minhash
 BUCKET = np.dtype([("band", "<i4"), ("key", "<u8"), ("pos", "<i8")])
 EXACT = np.dtype([("k1", "<u8"), ("k2", "<u8"), ("pos", "<i8")])
 EDGE = np.dtype([("a", "<i8"), ("b", "<i8")])  # also (node, label) messages and labels
-DUP = np.dtype([("pos", "<i8"), ("root", "<i8"), ("size", "<i8"), ("est", "<f8")])
+DUP = np.dtype([("pos", "<i8"), ("root", "<i8"), ("size", "<i8"), ("est", "<f8"), ("jac", "<f8")])
+LINE_BITS = 40  # a record's (input index, line) as one int64: index << 40 | line
 
 
 # --------------------------------------------------------------------------- files
@@ -247,11 +248,11 @@ def _min_per_node(node: np.ndarray, label: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_task(work: str, part: int, parts: int, round_: int) -> int:
+def label_task(work: str, part: int, parts: int, round_: int, edges_name: str = "edges") -> int:
     """One round of min-label propagation for the nodes of ``part`` -> messages sent."""
     adj_path, lab_path = os.path.join(work, f"adj-{part}.npy"), os.path.join(work, f"labels-{part}.npy")
     if round_ == 0:
-        edges = read_shuffle(work, "edges", part, parts, EDGE)
+        edges = read_shuffle(work, edges_name, part, parts, EDGE)
         edges = np.unique(edges)  # sorted by (a, b)
         nodes = np.unique(edges["a"])
         labels = nodes.copy()
@@ -283,8 +284,8 @@ def roots_task(work: str, part: int, parts: int) -> None:
     write_shuffle(work, "roots", part, out, out["a"] % parts, parts)
 
 
-def sizes_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: str) -> int:
-    """Cluster sizes and estimated Jaccard of each duplicate -> clusters rooted here."""
+def sizes_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: str, verified: bool = False) -> int:
+    """Cluster sizes, estimated (and with --verify true) Jaccard of each duplicate -> clusters rooted here."""
     members = read_shuffle(work, "roots", part, parts, EDGE)
     roots, inverse, counts = np.unique(members["a"], return_inverse=True, return_counts=True)
     dup_mask = members["b"] != members["a"]
@@ -294,6 +295,10 @@ def sizes_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: s
     sigs = _signatures(work, n, num_perm, dtype)
     if len(dup):
         dup["est"] = minhash.estimated_jaccard(sigs[dup["pos"]], sigs[dup["root"]])
+    dup["jac"] = np.nan
+    if verified and len(dup):
+        with ShingleStore(work) as store:
+            dup["jac"] = [minhash.jaccard(store[a], store[b]) for a, b in zip(dup["pos"].tolist(), dup["root"].tolist())]
     write_shuffle(work, "dups", part, dup, _range_part(dup["pos"], n, parts), parts)
     return len(roots)
 
@@ -304,6 +309,72 @@ def order_task(work: str, part: int, parts: int) -> int:
     dup = dup[np.argsort(dup["pos"], kind="stable")]
     _save(os.path.join(work, f"final-{part}.npy"), dup)
     return len(dup)
+
+
+# --------------------------------------------------------------------------- --verify
+
+
+def candidates_task(work: str, part: int, parts: int, n: int) -> None:
+    """The documents in candidate pairs (edges' first ends), to their position range."""
+    nodes = np.unique(read_shuffle(work, "edges", part, parts, EDGE)["a"])
+    write_shuffle(work, "wanted", part, nodes, _range_part(nodes, n, parts), parts)
+
+
+def wanted_task(work: str, part: int, parts: int) -> int:
+    nodes = np.unique(read_shuffle(work, "wanted", part, parts, np.dtype("<i8")))
+    _save(os.path.join(work, f"wanted-sorted-{part}.npy"), nodes)
+    return len(nodes)
+
+
+def gather_wanted(work: str, parts: int, n: int) -> int:
+    """``wanted.bin`` (positions, sorted) and ``wanted_keys.bin`` (their input index << 40 | line)."""
+    keys = np.memmap(os.path.join(work, "lines.bin"), dtype="<i8", mode="r") if n else np.empty(0, np.int64)
+    total = 0
+    with open(os.path.join(work, "wanted.bin"), "wb") as pos_f, open(os.path.join(work, "wanted_keys.bin"), "wb") as key_f:
+        for part in range(parts):
+            nodes = _load(os.path.join(work, f"wanted-sorted-{part}.npy"))
+            pos_f.write(nodes.astype("<i8").tobytes())
+            key_f.write(np.asarray(keys[nodes], dtype="<i8").tobytes())
+            total += len(nodes)
+    return total
+
+
+class ShingleStore:
+    """Unique shingle hashes of the wanted documents, by position (``wanted.bin`` order)."""
+
+    def __init__(self, work: str):
+        self.work = work
+
+    def __enter__(self):
+        w = self.work
+        size = os.path.getsize(os.path.join(w, "wanted.bin")) // 8
+        self.pos = np.memmap(os.path.join(w, "wanted.bin"), dtype="<i8", mode="r") if size else np.empty(0, np.int64)
+        self.off = np.memmap(os.path.join(w, "shingles.off"), dtype="<i8", mode="r") if size else np.zeros(1, np.int64)
+        total = int(self.off[-1]) if size else 0
+        self.hashes = (np.memmap(os.path.join(w, "shingles.bin"), dtype="<u8", mode="r") if total
+                       else np.empty(0, np.uint64))
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        k = int(np.searchsorted(self.pos, position))
+        return np.asarray(self.hashes[self.off[k] : self.off[k + 1]])
+
+
+def verify_task(work: str, part: int, parts: int, threshold: float) -> int:
+    """Keep the candidate pairs whose true Jaccard reaches ``threshold`` -> pairs kept."""
+    edges = read_shuffle(work, "edges", part, parts, EDGE)
+    edges = np.unique(edges[edges["a"] < edges["b"]])
+    with ShingleStore(work) as store:
+        ok = np.array([minhash.jaccard(store[a], store[b]) >= threshold
+                       for a, b in zip(edges["a"].tolist(), edges["b"].tolist())], dtype=bool)
+    src, dst = edges["a"][ok], edges["b"][ok]
+    both = np.empty(2 * len(src), dtype=EDGE)
+    both["a"], both["b"] = np.concatenate([src, dst]), np.concatenate([dst, src])
+    write_shuffle(work, "vedges", part, both, both["a"] % parts, parts)
+    return int(ok.sum())
 
 
 def _each(work: str, parts: int, workers: int, ray_address: Optional[str], fn: Callable, *args) -> list:
@@ -318,18 +389,32 @@ def exact_duplicates(work: str, n: int, parts: int, workers: int = 1, ray_addres
 
 
 def minhash_duplicates(work: str, n: int, parts: int, num_perm: int, dtype: str, rows: int,
-                       workers: int = 1, ray_address: Optional[str] = None) -> dict:
-    """Stages 2-4 for MinHash (``buckets-P.bin``, ``signatures.bin``) -> facts; then ``iter_duplicates``."""
+                       workers: int = 1, ray_address: Optional[str] = None,
+                       verify: Optional[Callable[[], None]] = None, threshold: float = 0.0) -> dict:
+    """Stages 2-4 for MinHash (``buckets-P.bin``, ``signatures.bin``) -> facts; then ``iter_duplicates``.
+
+    With ``verify`` (a callable that fills the shingle store, see ``gather_wanted``), only the
+    candidate pairs whose true Jaccard reaches ``threshold`` link documents.
+    """
     each = functools.partial(_each, work, parts, workers, ray_address)
-    candidates = sum(each(minhash_bucket_task, n, num_perm, dtype, rows))
+    facts = {"candidate_pairs": sum(each(minhash_bucket_task, n, num_perm, dtype, rows))}
+    edges = "edges"
+    if verify is not None:
+        each(candidates_task, n)
+        each(wanted_task)
+        gather_wanted(work, parts, n)
+        verify()
+        facts["verified_pairs"] = sum(each(verify_task, threshold))
+        edges = "vedges"
     rounds = 0
-    while sum(each(label_task, rounds)):
+    while sum(each(label_task, rounds, edges)):
         _remove(work, f"msg{rounds - 1}", parts)
         rounds += 1
     each(roots_task)
-    clusters = sum(each(sizes_task, n, num_perm, dtype))
+    facts["clusters"] = sum(each(sizes_task, n, num_perm, dtype, verify is not None))
     each(order_task)
-    return {"candidate_pairs": candidates, "clusters": clusters, "label_rounds": rounds + 1}
+    facts["label_rounds"] = rounds + 1
+    return facts
 
 
 def _remove(work: str, name: str, parts: int) -> None:
