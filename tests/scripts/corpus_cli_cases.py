@@ -3,7 +3,7 @@
 so a test can try many bad command lines for the price of one interpreter start.
 
     python corpus_cli_cases.py CASES.json   # [[tool_path, [arg, ...]], ...]
-prints a JSON list of {"rc": exit status or "traceback", "output": stdout + stderr}.
+prints a JSON list of {"rc": exit status or "traceback", "output": stdout + stderr, "seconds"}.
 """
 
 import contextlib
@@ -11,11 +11,13 @@ import io
 import json
 import runpy
 import sys
+import time
 import traceback
 
 results = []
 for tool, argv in json.load(open(sys.argv[1])):
     out = io.StringIO()
+    start = time.perf_counter()
     sys.argv = [tool, *argv]
     with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
         try:
@@ -30,5 +32,5 @@ for tool, argv in json.load(open(sys.argv[1])):
         except BaseException:  # noqa: BLE001 - an uncaught exception is what the test looks for
             traceback.print_exc()
             rc = "traceback"
-    results.append({"rc": rc, "output": out.getvalue()})
+    results.append({"rc": rc, "output": out.getvalue(), "seconds": round(time.perf_counter() - start, 2)})
 sys.__stdout__.write(json.dumps(results))

@@ -452,6 +452,7 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
                 if keys is not None:  # --verify finds its documents by (input, line)
                     line_file.write(keys.astype("<i8").tobytes())
                 places.add(blob, lengths)
+                rec = np.array(rec)  # writable (a Ray result is a read-only view of the object store)
                 rec["pos"] += n
                 buckets.add(rec, (rec["k1"] if exact else rec["key"]) % np.uint64(parts))
                 if sigs is not None:
