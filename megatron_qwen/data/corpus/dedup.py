@@ -16,7 +16,9 @@ each cluster survives. With ``--verify`` a candidate pair only counts when the t
 its shingle sets reaches ``--threshold``: an extra pass re-shingles only the candidate documents.
 A last pass writes the kept records (and, with ``--removed``, the removed ones).
 
-Scaling past memory: signatures are ``num_perm * 4`` bytes a document (0.5 KB at 128), so 100M
+Scaling past memory: ``--partitions P`` (``run_partitioned``, ``partitioned.py``) keeps every
+per-document structure on disk and gives the same outputs, byte for byte. In memory, signatures
+are ``num_perm * 4`` bytes a document (0.5 KB at 128), so 100M
 documents are 50 GB. ``--bands-per-pass K`` bands K bands at a time and folds their unions into
 one root per document before the next pass, so candidate pairs never pile up across bands; on a
 cluster, the signatures of pass 1 can be written per shard and each pass reads only its band's

@@ -384,6 +384,7 @@ def _each(work: str, parts: int, workers: int, ray_address: Optional[str], fn: C
 def exact_duplicates(work: str, n: int, parts: int, workers: int = 1, ray_address: Optional[str] = None) -> dict:
     """Stages 2 and 4 for exact keys (``keys-P.bin``) -> facts; then ``iter_duplicates``."""
     distinct = sum(_each(work, parts, workers, ray_address, exact_bucket_task, n))
+    _remove(work, "keys", parts, (".bin",))
     _each(work, parts, workers, ray_address, order_task)
     return {"unique_texts": distinct}
 
@@ -398,6 +399,7 @@ def minhash_duplicates(work: str, n: int, parts: int, num_perm: int, dtype: str,
     """
     each = functools.partial(_each, work, parts, workers, ray_address)
     facts = {"candidate_pairs": sum(each(minhash_bucket_task, n, num_perm, dtype, rows))}
+    _remove(work, "buckets", parts, (".bin",))  # the largest files: gone before the next stage
     edges = "edges"
     if verify is not None:
         each(candidates_task, n)
@@ -410,6 +412,9 @@ def minhash_duplicates(work: str, n: int, parts: int, num_perm: int, dtype: str,
     while sum(each(label_task, rounds, edges)):
         _remove(work, f"msg{rounds - 1}", parts)
         rounds += 1
+    _remove(work, f"msg{rounds}", parts)
+    for name in ("edges", "vedges", "wanted", "adj"):
+        _remove(work, name, parts)
     each(roots_task)
     facts["clusters"] = sum(each(sizes_task, n, num_perm, dtype, verify is not None))
     each(order_task)
@@ -417,9 +422,10 @@ def minhash_duplicates(work: str, n: int, parts: int, num_perm: int, dtype: str,
     return facts
 
 
-def _remove(work: str, name: str, parts: int) -> None:
+def _remove(work: str, name: str, parts: int, exts: tuple = (".npy", ".off.npy")) -> None:
+    """Delete a stage's files once read (disk: see docs/dedup.md)."""
     for p in range(parts):
-        for ext in (".npy", ".off.npy"):
+        for ext in exts:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(work, f"{name}-{p}{ext}"))
 
