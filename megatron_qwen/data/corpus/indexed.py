@@ -96,11 +96,23 @@ class Encoder:
         return out
 
 
+_INDEX_BLOCK = 1 << 20  # sequences per block when the index is written
+
+
 def _chunk_builder_class():
-    """megatron-core's IndexedDatasetBuilder plus ``add_documents``: a chunk in one write."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    """megatron-core's IndexedDatasetBuilder plus ``add_documents``: a chunk in one write, and an
+    index that streams (megatron-core's keeps two Python lists, ~70 bytes a document in memory;
+    this one writes each chunk's lengths to a side file, 4 bytes a document on disk, and writes
+    the ``.idx`` from it block by block: the same bytes as ``IndexedDatasetBuilder.finalize``)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, _IndexWriter
 
     class ChunkBuilder(IndexedDatasetBuilder):
+        def __init__(self, bin_path: str, dtype=np.int32):
+            super().__init__(bin_path, dtype=dtype)
+            self.lengths_path = f"{bin_path}.lengths"
+            self.lengths_file = open(self.lengths_path, "wb")
+            self.count = 0  # sequences (= documents) so far
+
         def add_documents(self, ids, lengths: np.ndarray) -> None:
             """Many one-sequence documents at once; the same index as ``add_document`` each.
 
@@ -110,9 +122,38 @@ def _chunk_builder_class():
                 _splice(ids, self.data_file)
             else:
                 self.data_file.write(memoryview(np.ascontiguousarray(ids, dtype=self.dtype)))
-            first = len(self.sequence_lengths)
-            self.sequence_lengths.extend(lengths.tolist())
-            self.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+            self.lengths_file.write(np.asarray(lengths, dtype="<i4").tobytes())
+            self.count += len(lengths)
+
+        def close(self) -> None:
+            self.data_file.close()
+            self.lengths_file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lengths_path)
+
+        def finalize(self, idx_path: str) -> None:
+            """megatron-core's index layout: header, counts, int32 lengths, int64 byte pointers,
+            int64 document indices (0..count: one sequence per document)."""
+            self.data_file.close()
+            self.lengths_file.close()
+            n = self.count
+            lengths = np.memmap(self.lengths_path, dtype="<i4", mode="r") if n else np.empty(0, "<i4")
+            itemsize = DType.size(self.dtype)
+            with _IndexWriter(idx_path, self.dtype) as writer:
+                out = writer.idx_writer
+                out.write(np.array([n, n + 1], dtype="<u8").tobytes())
+                for lo in range(0, n, _INDEX_BLOCK):
+                    out.write(np.asarray(lengths[lo : lo + _INDEX_BLOCK]).tobytes())
+                pointer = 0
+                for lo in range(0, n, _INDEX_BLOCK):
+                    block = np.asarray(lengths[lo : lo + _INDEX_BLOCK], dtype=np.int64) * itemsize
+                    ends = np.cumsum(block) + pointer
+                    out.write((ends - block).astype("<i8").tobytes())
+                    pointer = int(ends[-1])
+                for lo in range(0, n + 1, _INDEX_BLOCK):
+                    out.write(np.arange(lo, min(lo + _INDEX_BLOCK, n + 1), dtype="<i8").tobytes())
+            del lengths
+            os.unlink(self.lengths_path)
 
     return ChunkBuilder
 
@@ -167,7 +208,7 @@ def build_indexed_dataset(cfg: PreprocessConfig, job: JobConfig, summary: Summar
                     for i, key in enumerate(cfg.json_keys)}
         with contextlib.ExitStack() as stack:
             for b in builders.values():
-                stack.callback(b.data_file.close)
+                stack.callback(b.close)
             for result in map_chunks(encoder, job, read, summary):
                 tokens = 0
                 for key, (ids, lengths) in result.items():
