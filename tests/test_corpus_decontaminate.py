@@ -139,3 +139,36 @@ def test_texts_that_are_not_text_are_skipped_as_wrong_type(benchmarks, tmp_path)
     assert s["skipped"] == {"wrong_type": 4, "null_field": 1, "empty_text": 1}
     assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in s["skipped_at"]["wrong_type"]] == ["1", "2", "3", "4"]
     assert s["skipped_at"]["wrong_type"][2].endswith("('text' is a list holding no string)")
+
+
+def test_index_memory_is_bounded_by_the_benchmarks_not_the_corpus(tmp_path):
+    """A benchmark far larger than the others here (6,000 items of real text, each two random
+    16-word windows of CPython's docs, ~0.1M distinct 13-grams):
+    the index keeps 12 bytes per distinct n-gram, building it peaks under 64 bytes per n-gram
+    read plus 1 KB per item (its arrays, copies while sorting, the item's source), and the last
+    item is still found. Samples stream through the runner, so the training corpus adds nothing."""
+    import random
+    import tracemalloc
+
+    from megatron_qwen.data import real_corpus
+    from megatron_qwen.data.corpus.decontaminate import DecontaminateConfig
+    from megatron_qwen.data.corpus.jsonl import Doc
+
+    words = " ".join(d["text"] for d in real_corpus.python_doc_topics()).split()
+    rng = random.Random(0)
+    texts = [" ".join(words[s : s + 16] + words[t : t + 16])
+             for s, t in ((rng.randrange(len(words) - 16), rng.randrange(len(words) - 16)) for _ in range(6_000))]
+    bench = write_jsonl(tmp_path / "big.jsonl", [{"text": t} for t in texts])
+    cfg = DecontaminateConfig(output=str(tmp_path / "o.jsonl"), benchmark=[f"big={bench}"])
+    tracemalloc.start()
+    try:
+        index = build_index(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    read = sum(max(len(tokens_of(t)) - 12, 1) for t in texts)
+    assert index.hashes.size > 50_000 and index.items["big"] == 6_000
+    assert index.hashes.nbytes + index.owners.nbytes == 12 * index.hashes.size
+    assert peak < 64 * read + 1024 * 6_000, (peak, read)
+    hit = Decontaminator(cfg, index)(Doc("sample.jsonl", 1, {"text": "intro words here " + texts[-1]}))
+    assert hit.reason == "benchmark:big"
