@@ -334,6 +334,9 @@ def test_config_errors_are_one_line(tmp_path):
                            (["--bands", "20", "--rows", "10"], "exceeds num_perm=128"),
                            (["--method", "fuzzy"], "choose exact or minhash"),
                            (["--threshold", "1.5"], "between 0 and 1"),
+                           (["--partitions", "0"], "dedup.partitions=0 must be >= 1"),
+                           (["--work-dir", str(tmp_path)], "dedup.work_dir: only used with --partitions P"),
+                           (["--partitions", "2", "--bands-per-pass", "2"], "--partitions replaces it"),
                            (["--report", str(tmp_path / "o")], "dedup.report: .* is the same file as dedup.output")):
         with pytest.raises(SystemExit, match=message):
             parse_args(dedup.DedupToolConfig, ["--input", str(src), "--output", str(tmp_path / "o"), *flags])
