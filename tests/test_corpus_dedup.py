@@ -290,9 +290,11 @@ def test_bad_input_is_counted_and_strict_stops(tmp_path):
              json.dumps({"text": ""}) + "\n", json.dumps({"text": 42}) + "\n", "\n",
              json.dumps({"text": "x" * 5000}) + "\n", json.dumps(good) + "\n"]
     (tmp_path / "in.jsonl").write_bytes("".join(lines).encode() + b'{"text": "bad \xff byte"}\n')
-    for method in ("exact", "minhash"):
+    for method, *partitioned in (("exact",), ("minhash",), ("exact", "--partitions", "2"),
+                                 ("minhash", "--partitions", "2")):
         kept, report, summary, _ = _run(tmp_path, [], "--method", method, "--max-doc-bytes", "1000",
-                                        "--chunk-bytes", "64", name=method)  # chunks of only bad lines too
+                                        "--chunk-bytes", "64", *partitioned,
+                                        name=method + "p" * bool(partitioned))  # chunks of only bad lines too
         assert kept == [good]
         assert len(report) == 1 and report[0]["line"] == 9 and report[0]["duplicate_of"]["line"] == 1
         assert dict(summary.skips.counts) == {"malformed_json": 1, "not_an_object": 1, "missing_field": 1,
@@ -301,8 +303,9 @@ def test_bad_input_is_counted_and_strict_stops(tmp_path):
         assert summary.docs == 2 and summary.kept + sum(summary.removed.values()) + summary.skips.total == 10
         assert [p.split(": ")[0][-10:] for p in summary.skips.places["wrong_type"]] == ["in.jsonl:6"]
         with pytest.raises(CorpusError, match=r"in\.jsonl:2: not valid JSON"):
-            _run(tmp_path, [], "--method", method, "--strict", name=method + "-strict")
+            _run(tmp_path, [], "--method", method, "--strict", *partitioned, name=method + "-strict")
         assert not (tmp_path / f"{method}-strict.jsonl").exists()  # nothing half-written
+        assert not list(tmp_path.glob("dedup-work-*"))  # the partitioned run's work files are gone too
 
 
 def test_output_identical_across_workers(tmp_path, english_words):
