@@ -56,6 +56,13 @@ def _stage(cfg, shape, e, dp, first: bool, last: bool) -> list:
                   "set parallel.use_distributed_optimizer (--use-distributed-optimizer) or raise TP/PP"),
         Component("activations", stage_act, how_act, FIX_MICRO, phase="training"),
     ]
+    # backward computes each weight's gradient before adding it to the fp32 buffer (no fused
+    # accumulation on this stack): the largest (the output layer's) lands while the logits live;
+    # a layer's activation gradients are at most its saved activations
+    wgrad = (shape.embedding_params(tp) if (first or last) else shape.layer_params(tp) // 3) * e
+    comps.append(Component("backward working set", max(wgrad, per_layer),
+                           "largest of: the biggest weight gradient before accumulation, one "
+                           "layer's activation gradients", FIX_MICRO, phase="training"))
     if last:
         comps.append(Component("logits", act.logits_bytes_per_token(shape.vocab / tp, e, in_place_softmax=True) * micro_tokens,
                                f"{micro_tokens} tokens x {shape.vocab // tp} vocab rows at the loss",
