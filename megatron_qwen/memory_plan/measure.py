@@ -4,8 +4,10 @@ On CPU there is no ``torch.cuda.max_memory_allocated``: the profiler's memory ev
 allocation and free that goes through c10's allocator (every tensor storage), with its size and
 time. Their running sum, in time order, is the bytes of tensors alive; its maximum is the peak.
 This counts tensors, not the process's resident set (no Python objects, no allocator caches, no
-gloo buffers), which is what the plan predicts. Tensors alive before the block are not counted
-(start it before the model is built).
+gloo buffers), which is what the plan predicts. Tensors alive before the block are not counted:
+start it before the model is built, or add :func:`live_tensor_bytes` taken at its start. The
+profiler records the threads it runs on: code that allocates on a thread pool (transformers'
+weight loading) must run before the block.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ class PeakAllocations:
             peak = max(peak, live)
         self.peak, self.end = peak, live
         return False
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct tensor storages Python can reach now (parameters, buffers, ...)."""
+    import gc
+
+    seen = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
 
 
 @contextlib.contextmanager

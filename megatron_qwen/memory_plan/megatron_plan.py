@@ -67,6 +67,10 @@ def _stage(cfg, shape, e, dp, first: bool, last: bool) -> list:
         comps.append(Component("logits", act.logits_bytes_per_token(shape.vocab / tp, e, in_place_softmax=True) * micro_tokens,
                                f"{micro_tokens} tokens x {shape.vocab // tp} vocab rows at the loss",
                                FIX_MICRO + "; or raise TP (splits the vocabulary)", phase="training"))
+    largest = shape.embedding_params(tp) if (first or last) else shape.layer_params(tp) // 3
+    comps.append(Component("optimizer step buffers", 2 * 4 * largest / shard,
+                           "torch AdamW's two temporaries of the largest parameter (shard); "
+                           "none with a fused Adam", FIX_SHARD, phase="optimizer step"))
     if p.sequence_parallel:
         comps.append(Component("communication buffers", e * micro_tokens * shape.hidden,
                                "megatron-core's global buffer for sequence-parallel all-gathers",

@@ -32,37 +32,54 @@ PERSISTENCE_THRESHOLD = 10_000
 
 @dataclasses.dataclass
 class Engine:
-    """One DeepSpeed engine of a recipe: ``name`` (actor, critic, ref, reward, reward model)."""
+    """One DeepSpeed engine as the trainer builds it: ``ds_config`` is the JSON config
+    ``rlhf/deepspeed_config.py`` generates for it (stage, offload, overlap, buckets)."""
 
-    name: str
+    name: str  # actor, critic, ref, reward, reward model
     shape: ModelShape
     params: int  # total parameters of the module (backbone + head)
-    zero_stage: int
-    train: bool
-    e: int  # bytes per compute-dtype element
+    ds_config: dict
     world: int
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    on_gpu: bool = True
+
+    @property
+    def zero(self) -> dict:
+        return self.ds_config["zero_optimization"]
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.zero["stage"])
+
+    @property
+    def e(self) -> int:
+        return 2 if self.ds_config["bf16"]["enabled"] and self.on_gpu else 4
 
     def small_params(self) -> int:
-        """Parameters DeepSpeed ZeRO-3 keeps whole (norms, QKV biases, a scalar head)."""
+        """Parameters ZeRO-3 keeps whole (at most the persistence threshold: norms, QKV biases,
+        a scalar head)."""
         s = self.shape
-        per = s.small_params_per_layer()
-        return s.layers * per + s.hidden + (s.hidden + 1 if self.params < s.total_params() else 0)
+        threshold = self.zero.get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+        small = [n for n in (s.hidden, (s.heads + 2 * s.kv_groups) * s.head_dim) if n <= threshold]
+        per_layer = sum(small) + (s.hidden if s.hidden <= threshold else 0)  # 2 norms + bias
+        head = s.hidden + 1 if self.params < s.total_params() else 0
+        return s.layers * per_layer + (s.hidden if s.hidden <= threshold else 0) + head
 
-    def largest_gather(self) -> int:
-        """Elements stage 3 holds gathered at once: the largest module (a layer or the
+    def gathered(self) -> int:
+        """Elements ZeRO-3 holds gathered while computing: the largest module (a layer or the
         embedding) plus the prefetch bucket, capped by max_live_parameters and the model."""
         s = self.shape
-        return min(self.params, MAX_LIVE_PARAMETERS,
-                   max(s.layer_params(), s.embedding_params()) + PREFETCH_BUCKET)
+        return min(self.params, self.zero.get("stage3_max_live_parameters", MAX_LIVE_PARAMETERS),
+                   max(s.layer_params(), s.embedding_params())
+                   + self.zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET))
 
-    def components(self) -> list:
+    def components(self, train: bool) -> list:
         n, e, P, z = self.world, self.e, self.params, self.zero_stage
         who = self.name
+        offload_param = self.zero.get("offload_param") is not None
+        offload_opt = self.zero.get("offload_optimizer") is not None
         fix_stage = f"raise {who}'s ZeRO stage" + (" or offload its parameters" if z == 3 else "")
         out = []
-        if self.offload_param:
+        if offload_param:
             params, how = 0, "offloaded to CPU"
         elif z == 3:
             small = self.small_params()
@@ -71,39 +88,46 @@ class Engine:
         else:
             params, how = P * e, f"{P / 1e9:.3f}B x {e} B"
         out.append(Component(f"{who} parameters", params, how, fix_stage))
-        if self.train:
-            if self.offload_optimizer:
-                grads, ghow = (P * e if z < 2 else 0), "partition on CPU (offload_optimizer)"
-            elif z == 3:
-                grads, ghow = P * 4 / n, f"fp32 partition / {n} ranks"
-            elif z == 2:
-                grads, ghow = P * e / n, f"partition / {n} ranks"
-            else:
-                grads, ghow = P * e, "whole"
-            out.append(Component(f"{who} gradients", grads, ghow,
-                                 f"raise {who}'s ZeRO stage to 2 or 3"))
-            if self.offload_optimizer:
-                opt, ohow = 0, "offloaded to CPU (DeepSpeedCPUAdam)"
-            elif z == 0:
-                per = 8 if e == 4 else 12
-                opt, ohow = P * per, f"Adam {per} B/param, not sharded (ZeRO-0)"
-            else:
-                opt, ohow = P * 12 / n, f"fp32 master + Adam 12 B/param / {n} ranks"
-            out.append(Component(f"{who} optimizer state", opt, ohow,
-                                 f"raise {who}'s ZeRO stage, or set {who} offload_optimizer"))
-            if z >= 1:  # contiguous_gradients (on by default): one reduce bucket, allocated whole
-                out.append(Component(f"{who} gradient bucket", REDUCE_BUCKET * e,
-                                     f"reduce_bucket_size {REDUCE_BUCKET / 1e6:.0f}M elements x {e} B",
-                                     "lower zero_optimization.reduce_bucket_size"))
-            else:  # stage 0/1 flatten the gradients into buckets after backward
-                bucket = min(REDUCE_BUCKET, P)
-                out.append(Component(f"{who} gradient bucket", bucket * e,
-                                     f"flattened gradients, at most {REDUCE_BUCKET / 1e6:.0f}M elements",
-                                     f"raise {who}'s ZeRO stage", phase="gradient reduction"))
+        if not train:
+            return out
+        if offload_opt:
+            grads, ghow = (P * e if z < 2 else 0), "partition on CPU (offload_optimizer)"
+        elif z >= 2:
+            grads, ghow = P * 4 / n, f"fp32 partition / {n} ranks"
+        else:  # stage 0/1: whole .grad tensors, created in backward as activations are freed
+            grads, ghow = P * e, "whole, from backward until the step"
+        step = f"{who} step"
+        out.append(Component(f"{who} gradients", grads, ghow, f"raise {who}'s ZeRO stage to 2 or 3",
+                             phase=step if z < 2 and not offload_opt else None))
+        if offload_opt:
+            opt, ohow = 0, "offloaded to CPU (DeepSpeedCPUAdam)"
+        elif z == 0:
+            per = 8 if e == 4 else 12
+            opt, ohow = P * per, f"Adam {per} B/param, not sharded (ZeRO-0)"
+        else:
+            opt, ohow = P * 12 / n, f"fp32 master + Adam 12 B/param / {n} ranks"
+        out.append(Component(f"{who} optimizer state", opt, ohow,
+                             f"raise {who}'s ZeRO stage, or offload {who}'s optimizer"))
+        bucket = int(self.zero.get("reduce_bucket_size", REDUCE_BUCKET))
+        if z >= 1:  # contiguous_gradients (on by default): reduce buckets, allocated whole
+            count = 2 if (z < 3 and self.zero.get("overlap_comm")) else 1
+            out.append(Component(f"{who} gradient bucket", count * bucket * e,
+                                 f"{count} x reduce_bucket_size {bucket / 1e6:.0f}M elements x {e} B",
+                                 "lower zero_optimization.reduce_bucket_size"))
+        # the step: stage 0 first flattens the gradients into buckets to all-reduce them; torch's
+        # AdamW then makes two temporaries of the tensor it steps (the largest parameter, or
+        # ZeRO's flat fp32 partition)
+        stepped = max(self.shape.embedding_params(), self.shape.layer_params() // 3) if z == 0 else P / n
+        temps = 0 if offload_opt else 2 * 4 * stepped
+        flat = min(bucket, P) * e if z == 0 else 0
+        out.append(Component(f"{who} step buffers", max(temps, flat),
+                             "largest of: flattened gradients (ZeRO-0 all-reduce), AdamW's two "
+                             "temporaries of the largest stepped tensor",
+                             f"raise {who}'s ZeRO stage", phase=step))
         return out
 
     def gather_bytes(self) -> float:
         """Parameters gathered while this engine computes (ZeRO-3 only; else 0)."""
         if self.zero_stage != 3:
             return 0.0
-        return self.largest_gather() * self.e
+        return self.gathered() * self.e

@@ -1,8 +1,9 @@
 """Measured vs planned peak of reward-model training steps on DeepSpeed ZeRO 0-3 (torchrun, gloo).
 
 The trainer's own pieces (``load_with_head``, ``ds_config_from_group``, ``init_train_engine``,
-``pair_rewards``, ``pairwise_loss``) on a random Qwen2 written to OUT/<model>; two optimizer
-steps inside PeakAllocations; one JSON line per case from rank 0 (the largest rank's peak)."""
+``pair_rewards``, ``pairwise_loss``) on a random Qwen2 written to OUT/<model>; the loaded model's
+tensors, then engine construction and two optimizer steps inside PeakAllocations; one JSON line
+per case from rank 0 (the largest rank's peak)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def write_model(out: Path, name: str) -> Path:
 def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkpointing: bool) -> dict:
     from megatron_qwen.config import build_config
     from megatron_qwen.memory_plan.deepspeed_plan import plan_reward_model
-    from megatron_qwen.memory_plan.measure import PeakAllocations
+    from megatron_qwen.memory_plan.measure import PeakAllocations, live_tensor_bytes
     from megatron_qwen.rlhf import hf_model
     from megatron_qwen.rlhf.deepspeed_config import ds_config_from_group, init_train_engine
     from megatron_qwen.rlhf.reward_config import RewardModelConfig
@@ -52,10 +53,11 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
     plan = plan_reward_model(cfg, world, on_gpu=False)
     g = torch.Generator().manual_seed(0)
     gc.collect()
+    net = hf_model.load_with_head(path)  # outside: transformers loads on a thread pool
+    if checkpointing:
+        net.gradient_checkpointing_enable()
+    base = live_tensor_bytes()
     with PeakAllocations() as m:
-        net = hf_model.load_with_head(path)
-        if checkpointing:
-            net.gradient_checkpointing_enable()
         ds = ds_config_from_group(cfg.deepspeed, micro_batch_size=micro, global_batch_size=micro * world,
                                   world_size=world)
         engine = init_train_engine(net, ds, lr=1e-4)
@@ -68,8 +70,8 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
             engine.step()
         engine.destroy()
     peaks = [None] * world
-    torch.distributed.all_gather_object(peaks, m.peak)
-    del engine, net
+    torch.distributed.all_gather_object(peaks, base + m.peak)
+    del engine, net, loss
     gc.collect()
     return {"model": model, "zero_stage": zero_stage, "micro": micro, "seq": seq,
             "checkpointing": checkpointing, "measured": max(peaks), "planned": plan.peak,
