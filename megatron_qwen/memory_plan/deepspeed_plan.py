@@ -15,6 +15,9 @@ from megatron_qwen.memory_plan.shape import ModelShape, hf_shape
 from megatron_qwen.memory_plan.zero import Engine
 
 
+GATHER_HOW = "largest module (a layer or the embedding) + prefetch bucket"
+
+
 def hf_activation_bytes(shape: ModelShape, e: int, batch: int, seq: int, checkpointing: bool) -> float:
     """Saved activations of one forward of ``batch`` x ``seq`` tokens (without the logits)."""
     tokens = batch * seq
@@ -45,9 +48,8 @@ def plan_reward_model(cfg, world_size: int, gpu_bytes: Optional[float] = None, o
     engine = Engine("reward model", shape, params, config, world_size, on_gpu)
     comps = engine.components(train=True)
     if engine.gather_bytes():
-        comps.append(Component("ZeRO-3 gathered parameters", engine.gather_bytes(),
-                               "largest module + prefetch bucket", "offload parameters or use ZeRO-2",
-                               phase="training"))
+        comps.append(Component("ZeRO-3 gathered parameters", engine.gather_bytes(backward=True),
+                               GATHER_HOW, "offload parameters or use ZeRO-2", phase="training"))
     seqs = 2 * opt.micro_batch_size
     a = hf_activation_bytes(shape, e, seqs, cfg.data.seq_length, ds.gradient_checkpointing)
     comps.append(Component("activations", a, f"{seqs} sequences x {cfg.data.seq_length} tokens"
@@ -143,9 +145,8 @@ def plan_ppo(cfg, world_size: int, gpu_bytes: Optional[float] = None, on_gpu: bo
                            "lower ppo.mini_batch_size, or set engines.gradient_checkpointing",
                            phase="critic training"))
     if engines["critic"].gather_bytes():
-        comps.append(Component("critic gathered parameters", engines["critic"].gather_bytes(),
-                               "largest module + prefetch bucket", "offload parameters",
-                               phase="critic training"))
+        comps.append(Component("critic gathered parameters", engines["critic"].gather_bytes(backward=True),
+                               GATHER_HOW, "offload parameters", phase="critic training"))
     comps.append(Component("actor activations", hf_activation_bytes(g, e, micro, S, ckpt),
                            f"{micro} rows x {S} tokens" + (", gradient checkpointing" if ckpt else ""),
                            "lower ppo.mini_batch_size, or set engines.gradient_checkpointing",
@@ -162,9 +163,8 @@ def plan_ppo(cfg, world_size: int, gpu_bytes: Optional[float] = None, on_gpu: bo
                                f"{rows_ptx} rows x {s} tokens in the same backward as the policy loss",
                                "lower ptx.ptx_batch_size or ptx.ptx_seq_length", phase="actor training"))
     if actor.gather_bytes():
-        comps.append(Component("actor gathered parameters (training)", actor.gather_bytes(),
-                               "largest module + prefetch bucket", "offload parameters",
-                               phase="actor training"))
+        comps.append(Component("actor gathered parameters (training)", actor.gather_bytes(backward=True),
+                               GATHER_HOW, "offload parameters", phase="actor training"))
     stages = "/".join(str(eng.zero_stage) for eng in engines.values())
     title = (f"PPO: actor {actor.params / 1e9:.2f}B, critic/reward {engines['critic'].params / 1e9:.2f}B, "
              f"ZeRO {stages} (actor/critic/ref/reward), {world_size} GPUs, {rows} rollout rows per GPU "

@@ -5,7 +5,7 @@ allocation and free that goes through c10's allocator (every tensor storage), wi
 time. Their running sum, in time order, is the bytes of tensors alive; its maximum is the peak.
 This counts tensors, not the process's resident set (no Python objects, no allocator caches, no
 gloo buffers), which is what the plan predicts. Tensors alive before the block are not counted:
-start it before the model is built, or add :func:`live_tensor_bytes` taken at its start. The
+start it before the model is built, or add the model's :func:`tensor_bytes`. The
 profiler records the threads it runs on: code that allocates on a thread pool (transformers'
 weight loading) must run before the block.
 """
@@ -57,15 +57,12 @@ class PeakAllocations:
         return False
 
 
-def live_tensor_bytes() -> int:
-    """Bytes of the distinct tensor storages Python can reach now (parameters, buffers, ...)."""
-    import gc
-
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a model's parameters and buffers)."""
     seen = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

@@ -50,7 +50,7 @@ class ModelShape:
         of the LM head (0 keeps the LM head unless the embeddings are tied)."""
         out = 0 if self.tied_embeddings else self.embedding_params()
         if heads_out:
-            out = heads_out * self.hidden + heads_out
+            out = heads_out * self.hidden  # a bias-free scalar head (rlhf/heads.py)
         return self.layers * self.layer_params() + self.embedding_params() + self.hidden + out
 
 

@@ -61,7 +61,7 @@ class Engine:
         threshold = self.zero.get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
         small = [n for n in (s.hidden, (s.heads + 2 * s.kv_groups) * s.head_dim) if n <= threshold]
         per_layer = sum(small) + (s.hidden if s.hidden <= threshold else 0)  # 2 norms + bias
-        head = s.hidden + 1 if self.params < s.total_params() else 0
+        head = s.hidden if self.params < s.total_params() else 0
         return s.layers * per_layer + (s.hidden if s.hidden <= threshold else 0) + head
 
     def gathered(self) -> int:
@@ -92,13 +92,13 @@ class Engine:
             return out
         if offload_opt:
             grads, ghow = (P * e if z < 2 else 0), "partition on CPU (offload_optimizer)"
-        elif z >= 2:
+        elif z == 3:  # the reduced partition, and its fp32 flat copy the step reads
+            grads, ghow = P * (e + 4) / n, f"partition ({e} B) + its fp32 copy / {n} ranks"
+        elif z == 2:
             grads, ghow = P * 4 / n, f"fp32 partition / {n} ranks"
-        else:  # stage 0/1: whole .grad tensors, created in backward as activations are freed
-            grads, ghow = P * e, "whole, from backward until the step"
-        step = f"{who} step"
-        out.append(Component(f"{who} gradients", grads, ghow, f"raise {who}'s ZeRO stage to 2 or 3",
-                             phase=step if z < 2 and not offload_opt else None))
+        else:  # stage 0/1: whole .grad tensors (reduced after backward)
+            grads, ghow = P * e, "whole"
+        out.append(Component(f"{who} gradients", grads, ghow, f"raise {who}'s ZeRO stage to 2 or 3"))
         if offload_opt:
             opt, ohow = 0, "offloaded to CPU (DeepSpeedCPUAdam)"
         elif z == 0:
@@ -114,19 +114,17 @@ class Engine:
             out.append(Component(f"{who} gradient bucket", count * bucket * e,
                                  f"{count} x reduce_bucket_size {bucket / 1e6:.0f}M elements x {e} B",
                                  "lower zero_optimization.reduce_bucket_size"))
-        # the step: stage 0 first flattens the gradients into buckets to all-reduce them; torch's
-        # AdamW then makes two temporaries of the tensor it steps (the largest parameter, or
-        # ZeRO's flat fp32 partition)
-        stepped = max(self.shape.embedding_params(), self.shape.layer_params() // 3) if z == 0 else P / n
-        temps = 0 if offload_opt else 2 * 4 * stepped
-        flat = min(bucket, P) * e if z == 0 else 0
-        out.append(Component(f"{who} step buffers", max(temps, flat),
-                             "largest of: flattened gradients (ZeRO-0 all-reduce), AdamW's two "
-                             "temporaries of the largest stepped tensor",
-                             f"raise {who}'s ZeRO stage", phase=step))
+        if z == 0 and not offload_opt:
+            # the ZeRO-0 step: gradients flattened into all-reduce buckets, then torch's AdamW
+            # makes two temporaries of each parameter it steps (the largest: the embedding)
+            largest = max(self.shape.embedding_params(), self.shape.layer_params() // 3)
+            out.append(Component(f"{who} step buffers", max(2 * 4 * largest, min(bucket, P) * e),
+                                 "largest of: flattened gradients for the all-reduce, AdamW's two "
+                                 "temporaries of the largest parameter", f"raise {who}'s ZeRO stage",
+                                 phase=f"{who} step"))
         return out
 
-    def gather_bytes(self) -> float:
+    def gather_bytes(self, backward: bool = False) -> float:
         """Parameters gathered while this engine computes (ZeRO-3 only; else 0)."""
         if self.zero_stage != 3:
             return 0.0

@@ -37,7 +37,7 @@ def write_model(out: Path, name: str) -> Path:
 def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkpointing: bool) -> dict:
     from megatron_qwen.config import build_config
     from megatron_qwen.memory_plan.deepspeed_plan import plan_reward_model
-    from megatron_qwen.memory_plan.measure import PeakAllocations, live_tensor_bytes
+    from megatron_qwen.memory_plan.measure import PeakAllocations, tensor_bytes
     from megatron_qwen.rlhf import hf_model
     from megatron_qwen.rlhf.deepspeed_config import ds_config_from_group, init_train_engine
     from megatron_qwen.rlhf.reward_config import RewardModelConfig
@@ -56,7 +56,7 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
     net = hf_model.load_with_head(path)  # outside: transformers loads on a thread pool
     if checkpointing:
         net.gradient_checkpointing_enable()
-    base = live_tensor_bytes()
+    base = tensor_bytes(list(net.parameters()) + list(net.buffers()))
     with PeakAllocations() as m:
         ds = ds_config_from_group(cfg.deepspeed, micro_batch_size=micro, global_batch_size=micro * world,
                                   world_size=world)
@@ -75,6 +75,8 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
     gc.collect()
     return {"model": model, "zero_stage": zero_stage, "micro": micro, "seq": seq,
             "checkpointing": checkpointing, "measured": max(peaks), "planned": plan.peak,
+            "bucket": sum(c.bytes for c in plan.components
+                          if c.name.endswith("gradient bucket") and c.phase is None),
             "table": plan.table()}
 
 
