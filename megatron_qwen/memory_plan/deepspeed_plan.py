@@ -15,7 +15,8 @@ from megatron_qwen.memory_plan.shape import ModelShape, hf_shape
 from megatron_qwen.memory_plan.zero import Engine
 
 
-GATHER_HOW = "largest module (a layer or the embedding) + prefetch bucket"
+GATHER_HOW = ("largest module + prefetch bucket; the largest parameter's gradient and its "
+              "reduce-scatter copy")
 
 
 def hf_activation_bytes(shape: ModelShape, e: int, batch: int, seq: int, checkpointing: bool) -> float:
@@ -82,12 +83,14 @@ def plan_ppo(cfg, world_size: int, gpu_bytes: Optional[float] = None, on_gpu: bo
     critic_shape = hf_shape(m.critic_path or m.reward_path, model_preset, "models.reward_path")
     ds = engine_ds_configs(cfg, world_size)
     engines = {
-        "actor": Engine("actor", actor_shape, actor_shape.total_params(), ds["actor"], world_size, on_gpu),
+        "actor": Engine("actor", actor_shape, actor_shape.total_params(), ds["actor"], world_size,
+                        on_gpu, "engines.actor_"),
         "critic": Engine("critic", critic_shape, critic_shape.total_params(heads_out=1), ds["critic"],
-                         world_size, on_gpu),
-        "ref": Engine("ref", actor_shape, actor_shape.total_params(), ds["ref"], world_size, on_gpu),
+                         world_size, on_gpu, "engines.critic_"),
+        "ref": Engine("ref", actor_shape, actor_shape.total_params(), ds["ref"], world_size, on_gpu,
+                      "engines.ref_"),
         "reward": Engine("reward", critic_shape, critic_shape.total_params(heads_out=1), ds["reward"],
-                         world_size, on_gpu),
+                         world_size, on_gpu, "engines.reward_"),
     }
     comps = []
     for name, eng in engines.items():

@@ -41,6 +41,7 @@ class Engine:
     ds_config: dict
     world: int
     on_gpu: bool = True
+    field: str = "deepspeed."  # where the recipe sets this engine: "deepspeed." or "engines.actor_"
 
     @property
     def zero(self) -> dict:
@@ -77,7 +78,11 @@ class Engine:
         who = self.name
         offload_param = self.zero.get("offload_param") is not None
         offload_opt = self.zero.get("offload_optimizer") is not None
-        fix_stage = f"raise {who}'s ZeRO stage" + (" or offload its parameters" if z == 3 else "")
+        f = self.field
+        fix_stage = (f"offload {who}'s parameters ({f}offload_param) or add GPUs" if z == 3
+                     else f"raise {who}'s ZeRO stage to 3 ({f}zero_stage)")
+        fix_opt = (f"offload {who}'s optimizer ({f}offload_optimizer) or add GPUs" if z >= 1
+                   else f"raise {who}'s ZeRO stage ({f}zero_stage)")
         out = []
         if offload_param:
             params, how = 0, "offloaded to CPU"
@@ -96,9 +101,14 @@ class Engine:
             grads, ghow = P * (e + 4) / n, f"partition ({e} B) + its fp32 copy / {n} ranks"
         elif z == 2:
             grads, ghow = P * 4 / n, f"fp32 partition / {n} ranks"
-        else:  # stage 0/1: whole .grad tensors (reduced after backward)
-            grads, ghow = P * e, "whole"
-        out.append(Component(f"{who} gradients", grads, ghow, f"raise {who}'s ZeRO stage to 2 or 3"))
+        else:  # stage 0/1: whole .grad tensors, made in backward as the activations are freed
+            grads, ghow = P * e, "whole, from backward to the step" + (
+                f" (+ the fp32 partition / {n} ranks)" if z == 1 else "")
+            if z == 1:
+                grads += P * 4 / n
+        out.append(Component(f"{who} gradients", grads, ghow,
+                             fix_opt if z >= 2 else f"raise {who}'s ZeRO stage to 2 ({f}zero_stage)",
+                             phase=f"{who} step" if z < 2 and not offload_opt else None))
         if offload_opt:
             opt, ohow = 0, "offloaded to CPU (DeepSpeedCPUAdam)"
         elif z == 0:
@@ -106,8 +116,7 @@ class Engine:
             opt, ohow = P * per, f"Adam {per} B/param, not sharded (ZeRO-0)"
         else:
             opt, ohow = P * 12 / n, f"fp32 master + Adam 12 B/param / {n} ranks"
-        out.append(Component(f"{who} optimizer state", opt, ohow,
-                             f"raise {who}'s ZeRO stage, or offload {who}'s optimizer"))
+        out.append(Component(f"{who} optimizer state", opt, ohow, fix_opt))
         bucket = int(self.zero.get("reduce_bucket_size", REDUCE_BUCKET))
         if z >= 1:  # contiguous_gradients (on by default): reduce buckets, allocated whole
             count = 2 if (z < 3 and self.zero.get("overlap_comm")) else 1
@@ -120,12 +129,14 @@ class Engine:
             largest = max(self.shape.embedding_params(), self.shape.layer_params() // 3)
             out.append(Component(f"{who} step buffers", max(2 * 4 * largest, min(bucket, P) * e),
                                  "largest of: flattened gradients for the all-reduce, AdamW's two "
-                                 "temporaries of the largest parameter", f"raise {who}'s ZeRO stage",
+                                 "temporaries of the largest parameter", fix_opt,
                                  phase=f"{who} step"))
         return out
 
     def gather_bytes(self, backward: bool = False) -> float:
-        """Parameters gathered while this engine computes (ZeRO-3 only; else 0)."""
+        """Parameters gathered while this engine computes (ZeRO-3 only; else 0); in backward
+        also the largest parameter's whole gradient and its copy into the reduce-scatter."""
         if self.zero_stage != 3:
             return 0.0
-        return self.gathered() * self.e
+        largest = max(self.shape.embedding_params(), self.shape.layer_params() // 3)
+        return (self.gathered() + (2 * largest if backward else 0)) * self.e

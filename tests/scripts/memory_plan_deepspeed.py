@@ -57,6 +57,7 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
     if checkpointing:
         net.gradient_checkpointing_enable()
     base = tensor_bytes(list(net.parameters()) + list(net.buffers()))
+    gc.disable()  # no collection of an earlier case's garbage inside this measurement
     with PeakAllocations() as m:
         ds = ds_config_from_group(cfg.deepspeed, micro_batch_size=micro, global_batch_size=micro * world,
                                   world_size=world)
@@ -69,6 +70,7 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
             engine.backward(loss)
             engine.step()
         engine.destroy()
+    gc.enable()
     peaks = [None] * world
     torch.distributed.all_gather_object(peaks, base + m.peak)
     del engine, net, loss

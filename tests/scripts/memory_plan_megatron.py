@@ -42,11 +42,13 @@ def measure(model: str, parallel: dict, train: dict) -> dict:
     world = torch.distributed.get_world_size()
     plan = plan_pretrain(cfg, world, on_gpu=False)
     gc.collect()  # the previous layout's trainer must not be freed inside this measurement
+    gc.disable()  # no collection of an earlier case's garbage inside this measurement
     with PeakAllocations() as m:
         trainer = Trainer(cfg)
         data = batches(cfg, 2 * trainer.num_micro)
         for _ in range(2):
             trainer.train_step(data)
+    gc.enable()
     peaks = [None] * world
     torch.distributed.all_gather_object(peaks, m.peak)
     from megatron.core.utils import get_model_config
