@@ -229,11 +229,11 @@ def test_megatron_plan_matches_measured_peak_across_tp_pp_and_distributed_optimi
 
 
 def test_zero_plan_matches_measured_peak_across_stages(tmp_path):
-    """Two gloo processes, the reward-model trainer's engine at ZeRO 0, 1, 2, 3 (and 3 with
-    gradient checkpointing on the real-vocabulary tiny model)."""
-    cases = [{"model": "small", "zero_stage": z, "micro": 2, "seq": 128, "checkpointing": False}
-             for z in (0, 1, 2, 3)]
-    cases.append({"model": "tiny", "zero_stage": 3, "micro": 2, "seq": 64, "checkpointing": True})
+    """Two gloo processes, the reward-model trainer's engine at ZeRO 0 on the real-vocabulary
+    tiny model (the embedding dominates), then at ZeRO 0, 1, 2, 3 on the small one."""
+    cases = [{"model": "tiny", "zero_stage": 0, "micro": 2, "seq": 64, "checkpointing": False}]
+    cases += [{"model": "small", "zero_stage": z, "micro": 2, "seq": 128, "checkpointing": False}
+              for z in (0, 1, 2, 3)]
     out = run_torchrun(REPO / "tests" / "scripts" / "memory_plan_deepspeed.py", str(tmp_path),
                        json.dumps(cases), env={"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
     results = _results(out)
