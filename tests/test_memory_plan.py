@@ -204,6 +204,8 @@ def _check(results: list, label) -> None:
         ratio = r["planned"] / r["measured"]
         # the ZeRO reduce bucket is one allocation of a known size: the rest must match too
         rest = (r["planned"] - r.get("bucket", 0)) / (r["measured"] - r.get("bucket", 0))
+        print(f"| {label(r)} | {r['planned'] / 2**20:.1f} | {r['measured'] / 2**20:.1f} | "
+              f"{ratio:.3f} | {rest:.3f} |")  # the table of docs/memory.md (pytest -s)
         if abs(ratio - 1) > TOLERANCE or abs(rest - 1) > TOLERANCE:
             bad.append(f"{label(r)}: planned {r['planned'] / 2**20:.1f} MiB, measured "
                        f"{r['measured'] / 2**20:.1f} MiB (x{ratio:.3f}; without the bucket x{rest:.3f})\n"
