@@ -4,11 +4,14 @@ buffers of DeepSpeed 0.19's stage 1/2 and stage 3 optimizers with the settings
 
 Per parameter, over N data-parallel ranks, e = 2 (bf16) or 4 (fp32) bytes:
 
-    stage   parameters          gradients            optimizer (fp32 master + 2 Adam moments)
-    0       e                   e                    8 (fp32) / 12 (bf16)
-    1       e                   e                    12 / N
-    2       e                   e / N                12 / N
-    3       e / N (+ small)     4 / N (fp32)         12 / N
+    stage   parameters          gradients                 optimizer (fp32 master + 2 Adam moments)
+    0       e                   e (backward to step)      8 (fp32) / 12 (bf16)
+    1       e                   e + 4 / N (to the step)   12 / N
+    2       e                   4 / N (fp32 partition)    12 / N
+    3       e / N (+ small)     (e + 4) / N               12 / N
+
+(measured on CPU in fp32, where e = 4: tests/test_memory_plan.py; the bf16 split is DeepSpeed's
+documented one, unverified on GPU here.)
 
 Stage 3 keeps parameters of at most ``stage3_param_persistence_threshold`` elements whole, and
 gathers the others per module (at most a layer or the embedding, plus the prefetch bucket).
