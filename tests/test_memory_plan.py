@@ -88,6 +88,12 @@ def test_no_fit_is_one_line_naming_the_biggest_component_and_the_fix():
     if not torch.cuda.is_available():
         assert check_at_start(MemoryPlanConfig(), make) is None
 
+    def unplannable(size, on_gpu):
+        raise ConfigError("models.actor_path=x: no config.json there")
+    assert check_at_start(MemoryPlanConfig(gpu_memory_gib=80), unplannable, on_gpu=False) is None
+    with pytest.raises(ConfigError, match="no config.json"):
+        check_at_start(MemoryPlanConfig(gpu_memory_gib=80), unplannable, on_gpu=True)
+
 
 def test_plan_follows_the_recipe_settings():
     """Each setting the issue names moves the component it should, in the right direction."""

@@ -88,5 +88,5 @@ def hf_shape(path: Optional[str], preset: Optional[str], field: str) -> ModelSha
         return from_preset(preset)
     if path and (Path(path) / "config.json").is_file():
         return from_hf_dir(path)
-    raise ConfigError(f"{field}={path}: no config.json there to read the model shape from; "
-                      f"pass --model-preset (e.g. qwen_7b) to plan without it")
+    raise ConfigError(f"{field}={path}: no config.json there to read the model shape from "
+                      f"(tools/plan_memory.py plans without it given --model-preset, e.g. qwen_7b)")

@@ -54,7 +54,14 @@ def check_at_start(memory: MemoryPlanConfig, make_plan: Callable[[Optional[float
     size = gpu_bytes(memory.gpu_memory_gib)
     if size is None:
         return None
-    plan = make_plan(size, True)
+    try:
+        plan = make_plan(size, True)
+    except ConfigError as exc:
+        if on_gpu:
+            raise
+        if rank == 0:  # a CPU run is never stopped by its plan
+            print(f"memory plan not made: {exc}", flush=True)
+        return None
     if rank == 0:
         print("memory plan (--skip-memory-plan to start anyway; tools/plan_memory.py prints it):\n"
               + plan.table(), flush=True)
