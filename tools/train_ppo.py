@@ -25,6 +25,9 @@ def main(argv=None) -> int:
 
     cfg = load_config(PPOTrainConfig, argv, description=__doc__)
 
+    import torch.distributed as dist
+
+    from megatron_qwen.memory_plan import check_trainer_start
     from megatron_qwen.rlhf.deepspeed_config import init_distributed
     from megatron_qwen.rlhf.ppo.checkpoint import CheckpointError
     from megatron_qwen.rlhf.ppo.prompts import PromptError
@@ -33,6 +36,7 @@ def main(argv=None) -> int:
 
     try:
         init_distributed(cfg.engines.bf16)  # a missing GPU where one is expected: one line
+        check_trainer_start(cfg, dist.get_world_size(), dist.get_rank())  # before any model loads
         trainer = PPOTrainer(cfg)
         trainer.fit()
     except (ConfigError, PromptError, PtxError, CheckpointError, FileNotFoundError) as exc:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_qwen.config import ConfigError
+from megatron_qwen.memory_plan.start_check import MemoryPlanConfig
 from megatron_qwen.rlhf.deepspeed_config import DeepSpeedConfig
 
 
@@ -116,6 +117,7 @@ class RewardModelConfig:
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     checkpoint: RMCheckpointConfig = dataclasses.field(default_factory=RMCheckpointConfig)
     logging: RMLoggingConfig = dataclasses.field(default_factory=RMLoggingConfig)
+    memory: MemoryPlanConfig = dataclasses.field(default_factory=MemoryPlanConfig)
 
     def validate(self) -> None:
         if self.optim.global_batch_size % self.optim.micro_batch_size:

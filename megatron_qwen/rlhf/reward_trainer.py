@@ -29,6 +29,7 @@ from megatron_qwen.rlhf.reward_data import epoch_order, eval_shard, step_micro_b
 from megatron_qwen.rlhf.reward_logging import MetricsLogger
 from megatron_qwen.rlhf.reward_pairs import data_report, load_pairs, load_rm_tokenizer
 from megatron_qwen.checkpoint.weights_only import torch_load
+from megatron_qwen.memory_plan import check_trainer_start
 from megatron_qwen.runtime import device_check, rng_state
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 
@@ -136,6 +137,7 @@ def train(cfg: RewardModelConfig) -> dict:
 
     init_distributed(cfg.deepspeed.bf16)  # after the data checks: a bad input fails before any group
     world, rank = dist.get_world_size(), dist.get_rank()
+    check_trainer_start(cfg, world, rank)  # the memory plan, before the model loads
     torch.manual_seed(opt.seed)
 
     model = hf_model.load_with_head(cfg.model.model_path)

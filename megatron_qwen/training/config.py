@@ -13,6 +13,7 @@ from typing import Optional
 
 from megatron_qwen.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_qwen.data.sft import SFTDataArgs
+from megatron_qwen.memory_plan.start_check import MemoryPlanConfig
 
 
 @dataclasses.dataclass
@@ -195,6 +196,7 @@ class PretrainConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sft: SFTDataArgs = dataclasses.field(default_factory=SFTDataArgs)  # read by --task sft
+    memory: MemoryPlanConfig = dataclasses.field(default_factory=MemoryPlanConfig)
 
     def validate(self) -> None:
         self.parallel.check_model(self.model)

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Optional
 
 from megatron_qwen.config import ConfigError
+from megatron_qwen.memory_plan.start_check import MemoryPlanConfig
 
 
 @dataclasses.dataclass
@@ -192,6 +193,7 @@ class PPOTrainConfig:
     engines: EnginesConfig = dataclasses.field(default_factory=EnginesConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    memory: MemoryPlanConfig = dataclasses.field(default_factory=MemoryPlanConfig)
 
     def validate(self) -> None:
         if not self.rollout.prompt_data_path:
