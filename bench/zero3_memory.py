@@ -41,7 +41,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(mode: str, model_dir: str) -> None:
+def worker(mode: str, model_dir: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -51,6 +51,8 @@ def worker(mode: str, model_dir: str) -> None:
 
     torch.set_num_threads(1)
     init_distributed()
+    import deepspeed.runtime.zero.stage3  # noqa: F401  (imports before the baseline)
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
     rank, world = dist.get_rank(), dist.get_world_size()
     start = peak_rss_mib()
     ds = make_ds_config(micro_batch_size=1, global_batch_size=world, world_size=world, zero_stage=3)
@@ -62,8 +64,9 @@ def worker(mode: str, model_dir: str) -> None:
     engine = init_train_engine(model, ds, lr=1e-5)
     params = list(engine.module.parameters())
     local = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
-    print("RESULT " + json.dumps({"mode": mode, "rank": rank, "world": world, "peak_mib": peak_rss_mib(),
-                                  "start_mib": start, "local_share": local}), flush=True)
+    result = {"mode": mode, "rank": rank, "world": world, "peak_mib": peak_rss_mib(), "start_mib": start,
+              "local_share": local}
+    (Path(out_dir) / f"{mode}_rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
 
 
@@ -73,7 +76,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--worker", nargs=2, metavar=("MODE", "MODEL_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker)
@@ -97,13 +100,12 @@ def main() -> None:
     rows = []
     for mode in MODES:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-               "--standalone", __file__, "--worker", mode, str(root / "model")]
+               "--standalone", __file__, "--worker", mode, str(root / "model"), str(root)]
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{mode} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        rows += [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines()
-                 if line.startswith("RESULT ")]
+        rows += [json.loads(f.read_text()) for f in sorted(root.glob(f"{mode}_rank*.json"))]
     print(f"{'construction':12s} {'rank':>4s} {'peak RSS MiB':>13s} {'peak - start MiB':>17s} {'param share':>12s}")
     for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["rank"])):
         print(f"{r['mode']:12s} {r['rank']:4d} {r['peak_mib']:13.0f} {r['peak_mib'] - r['start_mib']:17.0f} "

@@ -1,17 +1,19 @@
-"""Sampling responses from the actor: KV-cached, batched, and safe under ZeRO-3.
+"""Sampling responses from the actor: KV-cached, batched, in micro-batches, safe under ZeRO-3.
 
-Why our own loop rather than ``generate``: (1) under ZeRO-3 every forward is a collective (each
-layer's parameters are gathered from all ranks), so a rank whose responses have all ended must keep
-stepping until every rank is done; we all-reduce a "still running" flag each step and feed finished
-rows a pad token. (2) Each sequence draws its uniforms from its own ``torch.Generator`` seeded
-by (seed, step, global sample index), so the samples do not depend on how the batch is split over
-ranks or on what else is in the batch: one process and N processes roll out the same responses,
-and a resumed run rolls out what the uninterrupted run would have. The uniforms are drawn up front
-(one per row and token) and each step samples all rows at once by inverse CDF, so the per-row
-streams cost no per-token Python loop.
+Why our own loop rather than ``generate``: (1) under ZeRO-3 with partitioned parameters every
+forward is a collective (each layer's parameters are gathered from all ranks), so a rank whose
+responses have all ended must keep stepping until every rank is done; we all-reduce a "still
+running" flag each step and feed finished rows a pad token. With the parameters gathered for the
+whole rollout (``generator.InProcessGenerator``) forwards are local and each micro-batch stops on
+its own. (2) Each sequence draws its uniforms from its own ``torch.Generator`` seeded by (seed,
+step, global sample index), so the samples do not depend on how the batch is split over ranks or
+micro-batches or on what else is in the batch: one process and N processes roll out the same
+responses, and a resumed run rolls out what the uninterrupted run would have. The uniforms are
+drawn up front (one per row and token) and each step samples all rows at once by inverse CDF, so
+the per-row streams cost no per-token Python loop.
 
-Both samples of a prompt are generated in the same batch, so the prompt's KV cache is computed
-in one pass for all rows and the prompt forward is shared work per step.
+Only the last position's logits are computed, in the prefill too. Both samples of a prompt are
+generated in the same micro-batch when it holds them, so the prompt forward is shared work.
 """
 
 from __future__ import annotations
