@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--checkpoint-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="dtype of the saved weights (Qwen's HF checkpoints are bf16; the engines load fp32)")
     ap.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -91,12 +93,13 @@ def main() -> None:
                          num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
                          num_key_value_heads=max(1, h // 256), tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, args.checkpoint_dtype))
     n_params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(str(root / "model"), safe_serialization=True)
     del model
-    print(f"model: {n_params / 1e6:.0f} M parameters, {n_params * 4 / 2**20:.0f} MiB in fp32 "
-          f"(hidden {h}, {args.layers} layers, vocab {args.vocab}); {args.nproc} gloo ranks, ZeRO-3", flush=True)
+    print(f"model: {n_params / 1e6:.0f} M parameters, saved in {args.checkpoint_dtype}, {n_params * 4 / 2**20:.0f} MiB "
+          f"in fp32 (hidden {h}, {args.layers} layers, vocab {args.vocab}); {args.nproc} gloo ranks, ZeRO-3",
+          flush=True)
     rows = []
     for mode in MODES:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
