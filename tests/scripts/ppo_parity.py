@@ -20,7 +20,7 @@ from megatron_qwen.rlhf import hf_model  # noqa: E402
 from megatron_qwen.rlhf.deepspeed_config import (init_distributed, init_inference_engine,  # noqa: E402
                                                  init_train_engine, make_ds_config, zero3_construction)
 from megatron_qwen.rlhf.ppo.config import PPOTrainConfig  # noqa: E402
-from megatron_qwen.rlhf.ppo.generator import GenerationRequest, InProcessGenerator  # noqa: E402
+from megatron_qwen.rlhf.ppo.generator import GenerationRequest, InProcessGenerator, full_weights  # noqa: E402
 from legacy_rollout import legacy_generate  # noqa: E402
 from megatron_qwen.rlhf.ppo.rollout import generate  # noqa: E402
 from megatron_qwen.rlhf.ppo.trainer import PPOTrainer  # noqa: E402
@@ -100,6 +100,11 @@ def check_zero3_construction_and_gathered_rollout(assets: Path) -> None:
     assert_partitioned(actor, "causal LM at construction")
     assert_partitioned(critic.backbone, "backbone at construction")
     engine = init_train_engine(actor, ds, lr=1e-2)
+    # the seam's weight stream: every parameter whole, as on disk, one at a time
+    plain = dict(hf_model.load_causal_lm(assets / "actor").named_parameters())
+    streamed = dict(full_weights(engine))
+    assert streamed.keys() == plain.keys(), (sorted(streamed), sorted(plain))
+    assert all(torch.equal(streamed[k], plain[k]) for k in plain), rank
     prompts = [[10 + rank, 11, 12], [13, 14 + rank], [15, 16, 17, 18], [19]]
     seeds = [100 + 4 * rank + i for i in range(4)]
     request = GenerationRequest(prompts=prompts, seeds=seeds, prompt_index=list(range(4)), max_new_tokens=6,
