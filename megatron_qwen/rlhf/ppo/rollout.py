@@ -172,7 +172,8 @@ def generate(
     this in the same step. ``micro_batch_size`` rows are generated at a time (None: all): the
     samples do not change with it, only the KV cache's size. When a forward is a collective
     (partitioned ZeRO-3 parameters) the ranks step together until all are done; otherwise each
-    micro-batch stops on its own. Either way the responses are padded to the width of the
+    micro-batch stops on its own (collective forwards need the same number of rows on every
+    rank, which PPO's even deal gives). Either way the responses are padded to the width of the
     longest one over all ranks, so every rank's rollout has the same shape.
     """
     if len(prompts) != len(seeds):
