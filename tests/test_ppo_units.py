@@ -17,7 +17,10 @@ from megatron_qwen.rlhf.ppo import math as ppo_math  # noqa: E402
 from megatron_qwen.rlhf.ppo.config import PPOTrainConfig, PPOConfig, RolloutConfig  # noqa: E402
 from megatron_qwen.rlhf.ppo.experience import make_experience  # noqa: E402
 from megatron_qwen.rlhf.ppo.prompts import PromptError, PromptSampler, load_prompts  # noqa: E402
+from megatron_qwen.rlhf.ppo.generator import GenerationRequest, rollout_from_token_lists  # noqa: E402
 from megatron_qwen.rlhf.ppo.rollout import generate, sample_inverse_cdf, top_p_filter  # noqa: E402
+from megatron_qwen.rlhf.heads import position_ids_from_mask  # noqa: E402
+from legacy_rollout import legacy_generate  # noqa: E402
 
 GREEDY = 1e-6
 
@@ -85,6 +88,43 @@ def test_samples_depend_only_on_their_own_seed(actor):
     assert c.responses.shape == (4, 6)
     # the seed decides the sample: a sampler that ignored it would repeat one response
     assert len({tuple(r) for r in c.responses.tolist()}) == 4
+
+
+def test_micro_batched_last_logit_sampler_draws_what_the_old_one_did(actor):
+    """Same seeds, same token ids as the sampler before the rework (tests/scripts/legacy_rollout.py),
+    for any generation micro-batch; only last-position logits are computed; the returned
+    log-probs are the actor's; the seam's list-to-rollout builder gives back the same tensors."""
+    prompts = [[10, 11, 12], [20, 21], [13, 14, 15, 16, 17], [22], [23, 24], [10, 11, 12]]
+    seeds = list(range(100, 106))
+    kw = dict(max_new_tokens=10, pad_token_id=ppo_tiny.PAD, top_p=0.9)
+    probe = legacy_generate(actor, prompts, seeds, stop_token_id=-1, **kw)
+    stop = int(probe.responses[0, 2])  # row 0 stops within 3 tokens; others run on
+    old = legacy_generate(actor, prompts, seeds, stop_token_id=stop, **kw)
+    assert old.finished[0] and old.response_lengths.tolist() != [old.responses.shape[1]] * 6
+    lm_head_widths = []
+    hook = actor.lm_head.register_forward_hook(lambda m, i, o: lm_head_widths.append(i[0].shape[1]))
+    try:
+        for micro in (None, 4, 1):
+            new = generate(actor, prompts, seeds, stop_token_id=stop, micro_batch_size=micro, **kw)
+            for field in ("sequences", "attention_mask", "response_mask", "finished"):
+                assert torch.equal(getattr(new, field), getattr(old, field)), (micro, field)
+            assert new.prompt_length == old.prompt_length
+    finally:
+        hook.remove()
+    assert set(lm_head_widths) == {1}, lm_head_widths  # prefill included
+    with torch.no_grad():
+        logits = actor(input_ids=new.sequences, attention_mask=new.attention_mask,
+                       position_ids=position_ids_from_mask(new.attention_mask)).logits
+    want = ppo_math.token_logprobs(logits[:, new.prompt_length - 1:-1], new.responses) * new.response_mask
+    assert torch.allclose(new.logprobs, want, atol=1e-5), (new.logprobs - want).abs().max()
+    request = GenerationRequest(prompts=prompts, seeds=seeds, prompt_index=list(range(6)),
+                                stop_token_id=stop, **kw)
+    lengths = new.response_lengths.tolist()
+    rebuilt = rollout_from_token_lists(
+        request, [new.responses[i, :n].tolist() + [5, 5] for i, n in enumerate(lengths)],
+        [new.logprobs[i, :n].tolist() for i, n in enumerate(lengths)], width=new.responses.shape[1])
+    for field in ("sequences", "attention_mask", "response_mask", "finished", "logprobs"):
+        assert torch.equal(getattr(rebuilt, field), getattr(new, field)), field
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 1.0), (1.0, 0.7), (1.4, 0.9)])

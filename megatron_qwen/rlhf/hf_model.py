@@ -135,9 +135,13 @@ def load_with_head(path, dtype="float32", require_head: bool = False) -> QwenWit
     without one (a pretrained or SFT model) a fresh head is initialised from torch's current RNG
     state, unless ``require_head`` (the PPO critic and reward engines insist on a trained head).
     """
+    from transformers import AutoConfig
+
     path = _check_model_dir(path)
-    backbone = load_backbone(path, dtype)
-    head = ScalarHead(backbone.config.hidden_size)
+    hidden_size = AutoConfig.from_pretrained(str(path), local_files_only=True).hidden_size
+    # the head before the backbone: a fresh head's draws must not depend on the RNG the load
+    # consumes (under ZeRO-3's zero.Init the backbone's initialisers run, in a plain load not)
+    head = ScalarHead(hidden_size)
     head_file = path / HEAD_FILE
     if head_file.is_file():
         state = load_file(str(head_file))
@@ -145,11 +149,12 @@ def load_with_head(path, dtype="float32", require_head: bool = False) -> QwenWit
         if missing or unexpected:
             raise ValueError(f"{head_file}: head weights do not match (missing {missing}, "
                              f"unexpected {unexpected})")
-        if head.proj.weight.shape[1] != backbone.config.hidden_size:
+        if head.proj.weight.shape[1] != hidden_size:
             raise ValueError(f"{head_file}: head width {head.proj.weight.shape[1]} != "
-                             f"hidden_size {backbone.config.hidden_size}")
+                             f"hidden_size {hidden_size}")
     elif require_head:
         raise FileNotFoundError(f"{path}: no {HEAD_FILE}; expected a reward-model export")
+    backbone = load_backbone(path, dtype)
     return QwenWithHead(backbone, head.to(_dtype(dtype)))
 
 

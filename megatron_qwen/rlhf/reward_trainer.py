@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megatron_qwen.config import ConfigError, load_config, save_resolved, to_dict
 from megatron_qwen.rlhf import hf_model
 from megatron_qwen.rlhf.deepspeed_config import (device, ds_config_from_group, init_distributed,
-                                                 init_train_engine)
+                                                 init_train_engine, zero3_construction)
 from megatron_qwen.rlhf.heads import gather_at
 from megatron_qwen.rlhf.reward_config import RewardModelConfig
 from megatron_qwen.data.preference import PreferenceDataset, collate_pairs
@@ -140,15 +140,16 @@ def train(cfg: RewardModelConfig) -> dict:
     check_trainer_start(cfg, world, rank)  # the memory plan, before the model loads
     torch.manual_seed(opt.seed)
 
-    model = hf_model.load_with_head(cfg.model.model_path)
+    ds_config = ds_config_from_group(cfg.deepspeed, micro_batch_size=opt.micro_batch_size,
+                                     global_batch_size=opt.global_batch_size, world_size=world,
+                                     gradient_clipping=opt.clip_grad)
+    with zero3_construction(ds_config):  # ZeRO-3: each rank builds only its partition
+        model = hf_model.load_with_head(cfg.model.model_path)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{cfg.model.model_path}: vocab_size {model.config.vocab_size} is smaller "
                           f"than the tokenizer's {tokenizer.vocab_size}")
     if cfg.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    ds_config = ds_config_from_group(cfg.deepspeed, micro_batch_size=opt.micro_batch_size,
-                                     global_batch_size=opt.global_batch_size, world_size=world,
-                                     gradient_clipping=opt.clip_grad)
     engine = init_train_engine(model, ds_config, lr=opt.lr, weight_decay=opt.weight_decay,
                                betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
                                warmup_steps=opt.lr_warmup_iters)

@@ -48,8 +48,17 @@ class RolloutConfig:
     unfinished_rule: str = "penalty"
     unfinished_penalty: float = -1.0
     rollout_seed: int = 1234
+    # Rows per generation forward on each rank (None: all the rank's rows at once). The KV cache
+    # and the sampling buffers scale with it: rows x (prompt + new tokens) x the cache per token.
+    generation_micro_batch_size: Optional[int] = None
+    # ZeRO-3 actor: gather its parameters once per rollout (one full copy of the actor's weights
+    # per rank while generating, no per-token all-gather) instead of once per forward.
+    generation_gather_params: bool = True
 
     def validate(self) -> None:
+        if self.generation_micro_batch_size is not None and self.generation_micro_batch_size < 1:
+            raise ConfigError(f"rollout.generation_micro_batch_size={self.generation_micro_batch_size} "
+                              "must be >= 1 (or null: all of a rank's rows in one batch)")
         if self.samples_per_prompt < 1 or self.prompts_per_step < 1:
             raise ConfigError("rollout.samples_per_prompt and rollout.prompts_per_step must be >= 1")
         if not 0.0 < self.top_p <= 1.0:

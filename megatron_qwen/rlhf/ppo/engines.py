@@ -11,13 +11,12 @@ builds the model already partitioned (``deepspeed.zero.Init``) instead of a full
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional
 
 from megatron_qwen.rlhf import hf_model
 from megatron_qwen.rlhf.deepspeed_config import (init_inference_engine, init_train_engine,
-                                                 make_ds_config)
+                                                 make_ds_config, zero3_construction)
 from megatron_qwen.rlhf.ppo.config import PPOTrainConfig
 
 
@@ -29,24 +28,6 @@ class Engines:
     reward: object
     ds_configs: dict  # name -> the DeepSpeed config it was built with
     reward_stats: Optional[dict]  # the RM export's saved reward statistics, if any
-
-
-@contextlib.contextmanager
-def _zero3_loading(ds_config: dict):
-    """Let transformers' from_pretrained partition weights at load time for a ZeRO-3 engine."""
-    if ds_config["zero_optimization"]["stage"] != 3:
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig
-
-    keep = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference: keep it alive
-    try:
-        yield
-    finally:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        del keep
 
 
 def engine_ds_configs(cfg: PPOTrainConfig, world_size: int) -> dict:
@@ -85,23 +66,23 @@ def build_engines(cfg: PPOTrainConfig, world_size: int, ref_path: Optional[str] 
     adam = dict(weight_decay=o.weight_decay, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                 warmup_steps=o.lr_warmup_steps)
 
-    with _zero3_loading(ds["actor"]):
+    with zero3_construction(ds["actor"]):
         actor_model = hf_model.load_causal_lm(m.actor_path)
     if cfg.engines.gradient_checkpointing:
         actor_model.gradient_checkpointing_enable()
     actor = init_train_engine(actor_model, ds["actor"], lr=o.actor_lr, **adam)
 
-    with _zero3_loading(ds["critic"]):
+    with zero3_construction(ds["critic"]):
         critic_model = hf_model.load_with_head(critic_path, require_head=True)
     if cfg.engines.gradient_checkpointing:
         critic_model.gradient_checkpointing_enable()
     critic = init_train_engine(critic_model, ds["critic"], lr=o.critic_lr, **adam)
 
-    with _zero3_loading(ds["ref"]):
+    with zero3_construction(ds["ref"]):
         ref_model = hf_model.load_causal_lm(ref_path)
     ref = init_inference_engine(ref_model, ds["ref"])
 
-    with _zero3_loading(ds["reward"]):
+    with zero3_construction(ds["reward"]):
         reward_model = hf_model.load_with_head(reward_path, require_head=True)
     reward = init_inference_engine(reward_model, ds["reward"])
 

@@ -2,7 +2,7 @@
 
 One step:
   1. take ``prompts_per_step`` prompts (dealt round-robin to ranks), ``samples_per_prompt`` each;
-  2. sample responses from the actor (KV cache, ZeRO-3-safe loop)              -> time/generate
+  2. sample responses through the rollout generator (rlhf/ppo/generator.py)  -> time/generate
   3. actor/ref log-probs, critic values, reward-model scores; KL-shaped reward, GAE -> time/score
   4. ``ppo_epochs`` passes over ``mini_batch_size`` mini-batches: critic step (clipped value loss);
      actor step (clipped policy loss + ptx_coef * LM loss on pretraining data) once the
@@ -27,7 +27,7 @@ from megatron_qwen.rlhf.ppo.experience import Experience, make_experience, respo
 from megatron_qwen.rlhf.ppo.metrics import MetricsLogger
 from megatron_qwen.rlhf.ppo.prompts import PromptSampler, load_prompts
 from megatron_qwen.rlhf.ppo.ptx import PtxBatches
-from megatron_qwen.rlhf.ppo.rollout import generate
+from megatron_qwen.rlhf.ppo.generator import GenerationRequest, InProcessGenerator, RolloutGenerator
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
@@ -43,7 +43,8 @@ def sample_seed(base: int, step: int, global_index: int) -> int:
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOTrainConfig, engines: Optional[Engines] = None, tokenizer=None):
+    def __init__(self, cfg: PPOTrainConfig, engines: Optional[Engines] = None, tokenizer=None,
+                 generator: Optional[RolloutGenerator] = None):
         self.cfg = cfg
         self.rank, self.world = _world()
         self.per_rank = cfg.rollout_batch_per_rank(self.world)
@@ -51,6 +52,9 @@ class PPOTrainer:
         # on resume, the frozen engines come from the checkpoint's own copies
         self.engines = engines or build_engines(cfg, self.world, **checkpoint.frozen_sources(cfg.train.load))
         self.device = self.engines.actor.device
+        self.generator = generator or InProcessGenerator(
+            self.engines.actor, micro_batch_size=cfg.rollout.generation_micro_batch_size,
+            gather_params=cfg.rollout.generation_gather_params)
         vocab = self.engines.actor.module.config.vocab_size
         r = cfg.rollout
         if tokenizer is None and (r.stop_token_id is None or r.pad_token_id is None):
@@ -119,9 +123,10 @@ class PPOTrainer:
                 prompts.append(self.prompts[global_prompts[slot]])
                 seeds.append(sample_seed(r.rollout_seed, self.step, slot * r.samples_per_prompt + j))
                 index.append(global_prompts[slot])
-        return generate(self.engines.actor.module, prompts, seeds, max_new_tokens=r.max_new_tokens,
-                        stop_token_id=self.stop_id, pad_token_id=self.pad_id, top_p=r.top_p,
-                        temperature=r.temperature, prompt_index=index, device=self.device)
+        return self.generator.generate(GenerationRequest(
+            prompts=prompts, seeds=seeds, prompt_index=index, max_new_tokens=r.max_new_tokens,
+            stop_token_id=self.stop_id, pad_token_id=self.pad_id, top_p=r.top_p,
+            temperature=r.temperature))
 
     def _ptx_loss(self, update: int) -> torch.Tensor:
         """Next-token loss of the actor on a fresh pretraining batch (global token mean)."""
@@ -180,6 +185,8 @@ class PPOTrainer:
                 add("loss/policy", self._global_sum(float(pg_loss.detach())) / self.world)
                 add("clipfrac/policy", pg_info["policy_clipfrac"])
                 add("approx_kl", pg_info["approx_kl"])
+        if update_actor:
+            self.generator.push_weights(actor)  # the next rollout samples the updated policy
         out = {k: float(np.mean(v)) for k, v in sums.items()}
         out["policy_updated"] = float(update_actor)
         out["lr/actor"] = actor.get_lr()[0]

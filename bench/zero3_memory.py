@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Peak host memory per rank while a ZeRO-3 reward-model engine is built, before and after the
+model is constructed partitioned (``deepspeed_config.zero3_construction``), CPU, gloo.
+
+A random Qwen2 of a few hundred MB (fp32, ``--hidden``/``--layers``/``--vocab``) is written to a
+temporary directory, then two ``torchrun --nproc-per-node N`` runs build the reward-model
+trainer's engine from it (``hf_model.load_with_head`` + ``init_train_engine``, ZeRO-3):
+
+    full         the model built whole on every rank, partitioned by ``deepspeed.initialize``
+                 (what rlhf/reward_trainer.py did before)
+    partitioned  built under ``HfDeepSpeedConfig`` / ``zero.Init`` (what it does now, and PPO's
+                 four engines)
+
+Each rank reports its peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``: every page the
+process touched, including the safetensors file pages it mapped) and the same peak minus the
+resident set after ``import``/process-group start, plus its share of the parameters' elements.
+
+    python bench/zero3_memory.py [--nproc 2] [--hidden 1024] [--layers 12] [--vocab 32000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODES = ("full", "partitioned")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(mode: str, model_dir: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_qwen.rlhf import hf_model
+    from megatron_qwen.rlhf.deepspeed_config import (init_distributed, init_train_engine,
+                                                     make_ds_config, zero3_construction)
+
+    torch.set_num_threads(1)
+    init_distributed()
+    import deepspeed.runtime.zero.stage3  # noqa: F401  (imports before the baseline)
+    import transformers.models.qwen2.modeling_qwen2  # noqa: F401
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start = peak_rss_mib()
+    ds = make_ds_config(micro_batch_size=1, global_batch_size=world, world_size=world, zero_stage=3)
+    if mode == "partitioned":
+        with zero3_construction(ds):
+            model = hf_model.load_with_head(model_dir)
+    else:
+        model = hf_model.load_with_head(model_dir)
+    engine = init_train_engine(model, ds, lr=1e-5)
+    params = list(engine.module.parameters())
+    local = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
+    result = {"mode": mode, "rank": rank, "world": world, "peak_mib": peak_rss_mib(), "start_mib": start,
+              "local_share": local}
+    (Path(out_dir) / f"{mode}_rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--checkpoint-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="dtype of the saved weights (Qwen's HF checkpoints are bf16; the engines load fp32)")
+    ap.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = Path(tempfile.mkdtemp(prefix="zero3_memory_"))
+    h = args.hidden
+    config = Qwen2Config(vocab_size=args.vocab, hidden_size=h, intermediate_size=h * 11 // 4,
+                         num_hidden_layers=args.layers, num_attention_heads=max(1, h // 64),
+                         num_key_value_heads=max(1, h // 256), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, args.checkpoint_dtype))
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(root / "model"), safe_serialization=True)
+    del model
+    print(f"model: {n_params / 1e6:.0f} M parameters, saved in {args.checkpoint_dtype}, {n_params * 4 / 2**20:.0f} MiB "
+          f"in fp32 (hidden {h}, {args.layers} layers, vocab {args.vocab}); {args.nproc} gloo ranks, ZeRO-3",
+          flush=True)
+    rows = []
+    for mode in MODES:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+               "--standalone", __file__, "--worker", mode, str(root / "model"), str(root)]
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{mode} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        rows += [json.loads(f.read_text()) for f in sorted(root.glob(f"{mode}_rank*.json"))]
+    print(f"{'construction':12s} {'rank':>4s} {'peak RSS MiB':>13s} {'peak - start MiB':>17s} {'param share':>12s}")
+    for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["rank"])):
+        print(f"{r['mode']:12s} {r['rank']:4d} {r['peak_mib']:13.0f} {r['peak_mib'] - r['start_mib']:17.0f} "
+              f"{r['local_share']:12.3f}")
+
+
+if __name__ == "__main__":
+    main()
