@@ -46,7 +46,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.hf)
-    model = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
     chat = [{"role": "system", "content": "You are a helpful assistant."}] + messages
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

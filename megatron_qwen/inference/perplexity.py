@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     import json
 
     from megatron_qwen.config import load_config
-    from megatron_qwen.inference.loading import load_model, requested_dtype
+    from megatron_qwen.inference.loading import inactive_notice, load_model, requested_dtype
     from megatron_qwen.model.long_context import window_sizes_from_rule
     from megatron_qwen.tokenizer import load_tokenizer
 
@@ -282,6 +282,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     lengths = _lengths(args.seq_lengths)
     log(f"{args.load}: trained at {model_cfg.seq_length} tokens; {len(docs)} documents; "
         f"windows: {window_rule}")
+    notice = inactive_notice(model_cfg.seq_length, max(lengths), any(r.dynamic_ntk for r in rows),
+                             any(r.logn for r in rows))
+    if notice:
+        log(notice)
     table = evaluate_table(model, docs, lengths, rows, args.num_samples, args.packing,
                            tokenizer.eod_id, args.micro_batch_size, log, model_cfg.vocab_size)
     log(format_table(table, lengths, title=Path(args.load).name))
