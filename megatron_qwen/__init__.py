@@ -17,5 +17,7 @@ _warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated and
                          category=FutureWarning)
 _warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor",
                          category=FutureWarning)
+_warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                         category=FutureWarning)
 
 __version__ = "0.1.0"

@@ -204,11 +204,14 @@ def format_table(table: Dict[str, Dict[int, float]], lengths: Sequence[int], tit
 # --------------------------------------------------------------------------- command line
 
 
-def _lengths(text: str) -> List[int]:
+def _lengths(text: str, train_length: int = 2) -> List[int]:
+    """``--seq-lengths``: token counts, or multiples of the training length written ``4x``."""
     try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
+        values = [int(float(x.strip()[:-1]) * train_length) if x.strip().endswith("x") else int(x)
+                  for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--seq-lengths {text!r}: expected comma-separated integers") from None
+        raise ConfigError(f"--seq-lengths {text!r}: expected comma-separated integers "
+                          "(or multiples of the training length: 1x,4x,8x)") from None
     if not values or any(v < 2 for v in values):
         raise ConfigError(f"--seq-lengths {text!r}: expected lengths >= 2")
     return values
@@ -222,7 +225,7 @@ class PerplexityArgs:
     data: Optional[str] = None  # JSONL file, or PREFIX of an indexed dataset (PREFIX.bin/.idx)
     text_key: str = "text"
     tokenizer: Optional[str] = None  # qwen.tiktoken path (default: the shipped one)
-    seq_lengths: str = "1024,2048,4096,8192,16384"
+    seq_lengths: str = "1024,2048,4096,8192,16384"  # tokens, or multiples of L_train: 1x,4x,8x
     num_samples: int = 8  # samples per length
     packing: str = "documents"  # documents | concat
     combinations: str = "table3"  # table3 | all | e.g. plain,ntk,ntk+logn+window
@@ -279,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
         docs = load_documents(args.data, tokenizer, args.text_key, log)
     except (ConfigError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
-    lengths = _lengths(args.seq_lengths)
+    lengths = _lengths(args.seq_lengths, model_cfg.seq_length)
     log(f"{args.load}: trained at {model_cfg.seq_length} tokens; {len(docs)} documents; "
         f"windows: {window_rule}")
     notice = inactive_notice(model_cfg.seq_length, max(lengths), any(r.dynamic_ntk for r in rows),
