@@ -289,7 +289,8 @@ def plot(out: Path) -> Optional[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "demo_out")
+    p.add_argument("--out", type=Path, default=REPO / "demo_out",
+                   help="directory of every output (named demo_out: the recipes' default paths)")
     p.add_argument("--fresh", action="store_true", help="forget finished stages and run everything")
     p.add_argument("--smoke", action="store_true", help="smallest sizes (used by the test suite)")
     p.add_argument("--until", help="stop after this stage")

@@ -223,7 +223,7 @@ class PerplexityArgs:
 
     load: Optional[str] = None  # megatron-core torch_dist checkpoint directory
     data: Optional[str] = None  # JSONL file, or PREFIX of an indexed dataset (PREFIX.bin/.idx)
-    text_key: str = "text"
+    text_key: str = "text"  # JSONL field with the document
     tokenizer: Optional[str] = None  # qwen.tiktoken path (default: the shipped one)
     seq_lengths: str = "1024,2048,4096,8192,16384"  # tokens, or multiples of L_train: 1x,4x,8x
     num_samples: int = 8  # samples per length
@@ -232,7 +232,7 @@ class PerplexityArgs:
     window_rule: Optional[str] = None  # default: linear:L_train/4:L_train (see docs/long_context.md)
     attention_backend: Optional[str] = None  # override the checkpoint's: sdpa | flash | unfused
     train_seq_length: Optional[int] = None  # override the checkpoint's training length (L_train)
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # samples per forward
     bf16: Optional[bool] = None  # --bf16 / --no-bf16 (fp32); unset: bf16 on a GPU, fp32 on CPU
     dtype: Optional[str] = None  # bf16 | fp16 | fp32 (same as --bf16 / --no-bf16); unset: as above
     output: Optional[str] = None  # also write the table as JSON here
