@@ -74,7 +74,7 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     # every line of every stage reaches the console, indentation kept (a tool's removal reasons)
     assert re.search(r"^    removed +\d+ +\(\w+ \d+", proc.stdout, re.M), proc.stdout[-3000:]
     # the training stages ran on the tiny recipes' default paths, which are the demo's outputs
-    commands = [line for line in proc.stdout.splitlines() if line.startswith("$ ") and "--config" in line]
+    commands = [line for line in proc.stdout.splitlines() if re.match(r"(\(in \S+\) )?\$ ", line) and "--config" in line]
     assert len(commands) == 5 and not [c for c in commands if set(c.split()) & set(PATH_FLAGS)], commands
     # every demo_out/ path the README, docs and tiny recipes name is there (a prefix: its files)
     for path, where in documented_demo_paths().items():
