@@ -23,8 +23,8 @@ def main() -> None:
     p.add_argument("--mcore", required=True, help="megatron-core checkpoint directory")
     p.add_argument("--hf", required=True, help="the same model in Hugging Face (qwen2) format")
     p.add_argument("--prompts", help="JSONL of {'messages': [...]}; default: one built-in question")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-new-tokens", type=int, default=24, help="longest answer, in tokens (both sides)")
+    p.add_argument("--out", type=Path, required=True, help="JSON with both answers and whether they match")
     args = p.parse_args()
 
     if args.prompts:
@@ -46,7 +46,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.hf)
-    model = AutoModelForCausalLM.from_pretrained(args.hf, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
     chat = [{"role": "system", "content": "You are a helpful assistant."}] + messages
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -8,6 +8,11 @@ OUT/.done/), and ends with a summary table and a PNG of the loss/reward curves.
     python examples/demo.py [--out demo_out] [--fresh] [--smoke]
 
 `--smoke` shrinks every stage to its smallest size (the test suite runs the chain that way).
+
+The tiny recipes' paths (examples/*tiny*.yaml) are this script's layout under `demo_out/`; when
+`--out` is a directory named `demo_out` the stages run from its parent and pass none of them, so
+each printed command is the recipe with its defaults. Once a stage is done, what no later stage
+reads is deleted (older PPO checkpoints, the reward model's DeepSpeed state).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -36,11 +42,47 @@ class Stage:
     artefact: str = ""
     nproc: int = 1  # >1: launched with torchrun (gloo processes on CPU)
     env: dict = field(default_factory=dict)
+    prune: Callable[[], None] = lambda: None  # after success: delete what no later stage reads
+
+
+def stage_dir(out: Path) -> Path:
+    """Where the stages run: beside OUT when it is named demo_out (the recipes' relative paths
+    then are OUT's files), else the repository (and every path is passed as a flag)."""
+    return out.parent if out.name == "demo_out" else REPO
+
+
+def recipe_paths(out: Path, *flags) -> list:
+    """``flags`` (pairs of --flag, path) unless the recipe's own defaults already name them."""
+    return [] if out.name == "demo_out" else list(flags)
 
 
 def torchrun(nproc: int, script: str, *args) -> list:
     return [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
             f"--master-port={29500 + os.getpid() % 1000}", script, *map(str, args)]
+
+
+def keep_latest(ckpt: Path) -> None:
+    """Delete every PPO checkpoint under ``ckpt`` but the one ``latest`` names."""
+    marker = ckpt / "latest"
+    if marker.is_file():
+        for old in ckpt.glob("step_*"):
+            if old.name != marker.read_text().strip():
+                shutil.rmtree(old)
+
+
+def long_context_metric(path: Path) -> Callable[[], str]:
+    """The 8x column of the long-context table: plain RoPE -> all three techniques."""
+
+    def metric() -> str:
+        table = read_json(path)
+        if not table.get("perplexity"):
+            return ""
+        n = str(max(table["lengths"]))
+        rows = list(table["perplexity"].values())
+        return (f"ppl at {n} (8x {table['train_length']}): plain {rows[0][n]:.1f} -> "
+                f"NTK+LogN+windows {rows[-1][n]:.1f}")
+
+    return metric
 
 
 def read_json(path: Path) -> dict:
@@ -138,44 +180,58 @@ def plan(out: Path, smoke: bool) -> list:
               summary_metric(data / "tokenize.summary.json", "tokens", "kept"), corpus_doc + ".bin"),
         Stage("pretrain", f"pretrain a tiny Qwen, TP=2 on 2 gloo processes, {pre_iters // 2} steps, save",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/pretrain_tiny.yaml",
-                       "--tensor-model-parallel-size", "2", "--data-path", corpus_doc,
-                       "--data-cache-path", data / "cache", "--save", ck / "pretrain", "--load", ck / "pretrain",
+                       "--tensor-model-parallel-size", "2",
+                       *recipe_paths(out, "--data-path", corpus_doc, "--data-cache-path", data / "cache",
+                                     "--save", ck / "pretrain", "--load", ck / "pretrain",
+                                     "--tensorboard-dir", tb / "pretrain"),
                        "--train-iters", pre_iters, "--exit-interval", pre_iters // 2, "--save-interval", pre_iters // 2,
-                       "--eval-interval", pre_iters // 2, "--log-interval", 2, "--tensorboard-dir", tb / "pretrain"),
+                       "--eval-interval", pre_iters // 2, "--log-interval", 2),
               curve_metric(tb / "pretrain", "train/lm_loss"), str(ck / "pretrain"), nproc=2),
         Stage("pretrain-resume", "resume from the checkpoint (--load) and finish",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/pretrain_tiny.yaml",
-                       "--tensor-model-parallel-size", "2", "--data-path", corpus_doc,
-                       "--data-cache-path", data / "cache", "--save", ck / "pretrain", "--load", ck / "pretrain",
+                       "--tensor-model-parallel-size", "2",
+                       *recipe_paths(out, "--data-path", corpus_doc, "--data-cache-path", data / "cache",
+                                     "--save", ck / "pretrain", "--load", ck / "pretrain",
+                                     "--tensorboard-dir", tb / "pretrain"),
                        "--train-iters", pre_iters, "--save-interval", pre_iters // 2,
-                       "--eval-interval", pre_iters // 2, "--log-interval", 2, "--tensorboard-dir", tb / "pretrain"),
+                       "--eval-interval", pre_iters // 2, "--log-interval", 2),
               curve_metric(tb / "pretrain", "train/lm_loss"), str(ck / "pretrain"), nproc=2),
         Stage("sft", "SFT in ChatML with masked loss, from the pretrained checkpoint (PP=2)",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/sft_tiny.yaml", "--task", "sft",
-                       "--pipeline-model-parallel-size", "2", "--sft-data-path", raw / "sft.jsonl",
-                       "--pretrained-checkpoint", ck / "pretrain", "--save", ck / "sft", "--load", ck / "sft",
-                       "--train-iters", sft_iters, "--log-interval", 2, "--tensorboard-dir", tb / "sft"),
+                       "--pipeline-model-parallel-size", "2",
+                       *recipe_paths(out, "--sft-data-path", raw / "sft.jsonl", "--pretrained-checkpoint",
+                                     ck / "pretrain", "--save", ck / "sft", "--load", ck / "sft",
+                                     "--tensorboard-dir", tb / "sft"),
+                       "--train-iters", sft_iters, "--log-interval", 2),
               curve_metric(tb / "sft", "train/lm_loss"), str(ck / "sft"), nproc=2),
         Stage("sft-to-hf", "convert the SFT checkpoint to Hugging Face (qwen2 layout)",
               [PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ck / "sft", "--out", hf / "sft"],
               lambda: "", str(hf / "sft")),
         Stage("reward-model", "reward model on DeepSpeed ZeRO-2 (2 processes), pairwise loss",
               torchrun(2, "tools/train_reward_model.py", "--config", "examples/rm_tiny_cpu.yaml",
-                       "--model-path", hf / "sft", "--train-data-path", raw / "pairs_train.jsonl",
-                       "--test-data-path", raw / "pairs_test.jsonl", "--epochs", rm_epochs,
-                       "--save", ck / "rm", "--export-dir", hf / "rm", "--log-interval", 1, "--tensorboard-dir", tb / "rm"),
-              curve_metric(tb / "rm", "test/accuracy", "train/accuracy"), str(hf / "rm"), nproc=2),
+                       *recipe_paths(out, "--model-path", hf / "sft", "--train-data-path", raw / "pairs_train.jsonl",
+                                     "--test-data-path", raw / "pairs_test.jsonl", "--save", ck / "rm",
+                                     "--export-dir", hf / "rm", "--tensorboard-dir", tb / "rm"),
+                       "--epochs", rm_epochs, "--log-interval", 1),
+              curve_metric(tb / "rm", "test/accuracy", "train/accuracy"), str(hf / "rm"), nproc=2,
+              prune=lambda: shutil.rmtree(ck / "rm", ignore_errors=True)),  # PPO reads the export
         Stage("ppo", "PPO with four DeepSpeed engines (actor, critic, reference, reward) + PPO-ptx",
               torchrun(2, "tools/train_ppo.py", "--config", "examples/ppo_tiny_cpu.yaml",
-                       "--actor-path", hf / "sft", "--reward-path", hf / "rm",
-                       "--prompt-data-path", raw / "prompts.jsonl", "--ptx-data-path", corpus_doc,
-                       "--train-iters", ppo_iters, "--save", ck / "ppo", "--export-dir", hf / "ppo",
-                       "--tensorboard-dir", tb / "ppo"),
-              curve_metric(tb / "ppo", "reward/raw"), str(hf / "ppo"), nproc=2),
+                       *recipe_paths(out, "--actor-path", hf / "sft", "--reward-path", hf / "rm",
+                                     "--prompt-data-path", raw / "prompts.jsonl", "--ptx-data-path", corpus_doc,
+                                     "--save", ck / "ppo", "--export-dir", hf / "ppo", "--tensorboard-dir", tb / "ppo"),
+                       "--train-iters", ppo_iters),
+              curve_metric(tb / "ppo", "reward/raw"), str(hf / "ppo"), nproc=2,
+              prune=lambda: keep_latest(ck / "ppo")),
         Stage("final-to-mcore", "convert the PPO actor back to megatron-core (torch_dist)",
               [PY, "tools/convert_checkpoint.py", "hf-to-mcore", "--hf", hf / "ppo", "--out", ck / "final",
                "--tp", "1", "--pp", "1"],
               lambda: "", str(ck / "final")),
+        Stage("long-context", "perplexity at 1x, 4x, 8x the training length, without and with NTK + LogN + windows",
+              [PY, "tools/eval_ppl.py", "--load", ck / "final", "--data", clean / "clean.jsonl",
+               "--seq-lengths", "1x,4x,8x", "--packing", "concat",
+               "--num-samples", 1 if smoke else 4, "--output", out / "long_context.json"],
+              long_context_metric(out / "long_context.json"), str(out / "long_context.json")),
         Stage("chat", "one chat through tools/generate.py and one through transformers: same answer",
               [PY, "examples/chat_both.py", "--mcore", ck / "final", "--hf", hf / "ppo", "--out", out / "chat.json"],
               lambda: (f"same answer: {read_json(out / 'chat.json').get('transformers', '')[:40]!r}"
@@ -185,21 +241,25 @@ def plan(out: Path, smoke: bool) -> list:
 
 
 def run_stage(stage: Stage, out: Path, log_dir: Path) -> float:
-    cmd = [str(c) for c in stage.cmd]
-    print(f"\n=== {stage.name}: {stage.what}\n$ {shlex.join(cmd)}", flush=True)
+    here = stage_dir(out)  # the repository's scripts and recipes named from there
+    cmd = [str(REPO / c) if here != REPO and isinstance(c, str) and (REPO / c).is_file() else str(c)
+           for c in stage.cmd]
+    where = "" if here == REPO else f"(in {here}) "
+    print(f"\n=== {stage.name}: {stage.what}\n{where}$ {shlex.join(cmd)}", flush=True)
     log = log_dir / f"{stage.name}.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **stage.env}
     start = time.time()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
+        proc = subprocess.Popen(cmd, cwd=here, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # every line, its indentation kept under the stage's
             f.write(line)
-            if not line.startswith(" ") and "Warning" not in line:
-                sys.stdout.write("  " + line)
+            sys.stdout.write("  " + line)
         proc.wait()
     if proc.returncode != 0:
         tail = "".join(open(log).readlines()[-30:])
         raise SystemExit(f"demo: stage {stage.name!r} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    stage.prune()
     return time.time() - start
 
 
@@ -229,7 +289,8 @@ def plot(out: Path) -> Optional[Path]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "demo_out")
+    p.add_argument("--out", type=Path, default=REPO / "demo_out",
+                   help="directory of every output (named demo_out: the recipes' default paths)")
     p.add_argument("--fresh", action="store_true", help="forget finished stages and run everything")
     p.add_argument("--smoke", action="store_true", help="smallest sizes (used by the test suite)")
     p.add_argument("--until", help="stop after this stage")

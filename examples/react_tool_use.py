@@ -107,7 +107,7 @@ def canned() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--load", help="megatron-core checkpoint of a chat model (default: tiny random)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest model turn, in tokens")
     args = p.parse_args()
     print("=" * 30, "part 1: the model writes the turns", "=" * 30)
     model_driven(args.load, args.max_new_tokens)

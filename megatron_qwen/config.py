@@ -39,29 +39,29 @@ class ModelConfig:
     """Shape and numerics of a Qwen decoder (report section 2.3)."""
 
     preset: Optional[str] = None  # name of a YAML in configs/model/, applied before the fields
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
+    num_layers: int = 2  # transformer layers
+    hidden_size: int = 64  # model width
+    num_attention_heads: int = 4  # query heads
     num_query_groups: Optional[int] = None  # None: multi-head attention (Qwen-1)
     ffn_hidden_size: int = 172  # SwiGLU inner size (HF Qwen's intermediate_size / 2)
     vocab_size: int = 151851  # tokenizer size; the embedding is padded (see padded_vocab_size)
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = 128  # the embedding rows are a multiple of this x TP
     padded_vocab_size: Optional[int] = None  # fixed by a converted checkpoint; else derived from TP
     seq_length: int = 2048  # training context
-    max_position_embeddings: int = 8192
-    rotary_base: float = 10000.0
-    norm_epsilon: float = 1e-6
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
+    max_position_embeddings: int = 8192  # longest context the model is built for (at inference)
+    rotary_base: float = 10000.0  # RoPE base (theta)
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    init_method_std: float = 0.02  # std of the normal weight initialisation
+    hidden_dropout: float = 0.0  # dropout after attention and MLP
+    attention_dropout: float = 0.0  # dropout on the attention probabilities
     attention_backend: str = "sdpa"  # sdpa | flash | unfused
     # Long context at inference (report section 2.5); all off for training.
-    use_dynamic_ntk: bool = False
-    use_logn_attn: bool = False
+    use_dynamic_ntk: bool = False  # inference: NTK-aware RoPE base past seq_length (report 2.5)
+    use_logn_attn: bool = False  # inference: LogN query scaling past seq_length (report 2.5)
     window_sizes: Optional[list] = None  # one int (or None = full) per layer
     # Activation recomputation: None | selective | full
-    recompute_granularity: Optional[str] = None
-    recompute_num_layers: int = 1
+    recompute_granularity: Optional[str] = None  # recompute activations: selective (attention) | full (layers)
+    recompute_num_layers: int = 1  # with full: layers per recomputed block
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -122,13 +122,13 @@ class ModelConfig:
 class ParallelConfig:
     """How the model is laid out over GPUs (or gloo processes on CPU)."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
+    tensor_model_parallel_size: int = 1  # TP: each layer's matrices split over this many ranks
+    pipeline_model_parallel_size: int = 1  # PP: the layers split into this many stages
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # interleaved 1F1B: chunks per pipeline rank
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over the TP ranks
+    use_distributed_optimizer: bool = False  # shard optimizer state over the data-parallel ranks (ZeRO-1)
+    overlap_grad_reduce: bool = False  # overlap the gradient all-reduce with the backward pass
+    overlap_param_gather: bool = False  # overlap the param all-gather with the forward
 
     def validate(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
@@ -428,6 +428,34 @@ def load_config(cls: type, argv: Optional[Sequence[str]] = None, description: st
         raise SystemExit(f"error: {exc}")
 
 
+def field_help(cls: type) -> dict:
+    """{field: one-line description} of a dataclass: its ``metadata["help"]``, else the comment
+    on the field's own line(s) in the source (``lr: float = 3e-4  # peak learning rate``), so the
+    comment a reader sees beside a field is what ``--help`` prints."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    out = {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if f.metadata.get("help")}
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (an interactive class): metadata only
+        return out
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments.setdefault(tok.start[0], tok.string.lstrip("#").strip())
+    (body,) = ast.parse(source).body
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = next((comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments), "")
+            if text:
+                out.setdefault(node.target.id, text)
+    return out
+
+
 def help_text(cls: type, description: str = "") -> str:
     hints = _resolved_hints(cls)
     lines = [description or (cls.__doc__ or "").strip(), "", "usage: [--config RECIPE.yaml] [--flag VALUE ...]", ""]
@@ -437,11 +465,14 @@ def help_text(cls: type, description: str = "") -> str:
             continue
         lines.append(f"{group.name}:")
         ghints = _resolved_hints(gcls)
+        helps = field_help(gcls)
         for f in dataclasses.fields(gcls):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             kind = getattr(_scalar_type(ghints[f.name]), "__name__", "str")
-            help_ = f.metadata.get("help", "")
+            help_ = helps.get(f.name, "")
+            if f.metadata.get("aliases"):
+                help_ += f" (also {', '.join(f.metadata['aliases'])})"
             lines.append(f"  --{f.name.replace('_', '-'):40s} {kind:6s} default: {default!r}"
                          + (f"\n      {help_}" if help_ else ""))
         lines.append("")

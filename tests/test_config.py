@@ -142,3 +142,48 @@ def test_recipe_numbers_and_booleans_keep_their_yaml_types(tmp_path):
                           "train:\n  train_iters: 10\n")
     assert cfg.optim.lr == 1e-3 and cfg.optim.clip_grad == 0.0 and isinstance(cfg.optim.clip_grad, float)
     assert cfg.optim.bf16 is False and cfg.train.train_iters == 10
+
+
+def _help_of(script, args, monkeypatch, capsys):
+    """What ``script args`` prints, run in this process (as ``python script``)."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code in (0, None), (script, exit_.value.code)
+    return capsys.readouterr().out
+
+
+def test_every_flag_of_every_entry_point_has_a_description(monkeypatch, capsys):
+    """`--help` of each tool, pretrain_qwen.py and example: a one-line description under every
+    flag (a field's comment in the source, or its metadata["help"]); issue #15."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    runs = [(p, ["--help"]) for p in [*sorted((repo / "tools").glob("*.py")), repo / "pretrain_qwen.py"]
+            if p.name != "convert_checkpoint.py"]
+    runs += [(repo / "tools/convert_checkpoint.py", [sub, "--help"]) for sub in ("hf-to-mcore", "mcore-to-hf", "reshard")]
+    for script, args in runs:
+        lines = _help_of(script, args, monkeypatch, capsys).splitlines()
+        flags = [i for i, line in enumerate(lines) if re.match(r"  --\S+ +\w+ +default:", line)]
+        assert flags, (script.name, lines[:5])
+        bare = [lines[i].split()[0] for i in flags
+                if not (i + 1 < len(lines) and lines[i + 1].startswith("      ") and lines[i + 1].strip())]
+        assert not bare, f"{script.name} {args[0]}: no description for {bare}"
+    # the argparse examples: every action but -h has its help
+    parsers = []
+
+    def capture(self, *a, **k):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for script in sorted((repo / "examples").glob("*.py")):
+        _help_of(script, [], monkeypatch, capsys)
+        bare = [a.option_strings for a in parsers[-1]._actions if a.dest != "help" and not a.help]
+        assert not bare, f"{script.name}: no description for {bare}"
+    assert len(parsers) == 3

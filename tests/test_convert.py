@@ -200,6 +200,30 @@ def test_gqa_and_dtype(tmp_path):
     assert "num_query_groups=2" in str(exc.value.code) and not (tmp_path / "q").exists()
 
 
+def test_training_length_survives_both_layouts(tmp_path):
+    """A model trained at 256 tokens (room for 512) keeps L_train = 256 through qwen2 and qwen:
+    the length dynamic NTK and LogN pivot on (issue #15: qwen2 used to come back as 512)."""
+    from transformers import AutoConfig
+
+    from megatron_qwen.checkpoint.mcore_io import McoreCheckpointReader
+
+    ref = qwen2_model(vocab=300, hidden=32, layers=2, heads=4, kv_heads=4, ffn=48, seed=4)
+    src = tmp_path / "released"
+    src.mkdir()
+    save_file(qwen_layout_state({k: v.contiguous() for k, v in ref.state_dict().items()}, 2),
+              str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(qwen_config(ref.config, seq_length=256)))
+    convert("hf-to-mcore", "--hf", src, "--out", tmp_path / "mc")
+    cfg = McoreCheckpointReader(tmp_path / "mc").cfg
+    assert (cfg.seq_length, cfg.max_position_embeddings) == (256, 512)
+    for fmt in ("qwen2", "qwen"):
+        convert("mcore-to-hf", "--mcore", tmp_path / "mc", "--out", tmp_path / fmt, "--hf-format", fmt,
+                "--tokenizer", "none")
+        convert("hf-to-mcore", "--hf", tmp_path / fmt, "--out", tmp_path / f"mc_{fmt}")
+        assert McoreCheckpointReader(tmp_path / f"mc_{fmt}").cfg.seq_length == 256, fmt
+    assert AutoConfig.from_pretrained(tmp_path / "qwen2").max_position_embeddings == 256
+
+
 @pytest.mark.parametrize("rows", [151936, 151851])
 def test_vocab_padding(rows, tmp_path):
     """TP=2 pads 151,851 / 151,936 rows to 152,064; export restores the source row count."""

@@ -1,17 +1,57 @@
 """The demo's whole chain at its smallest size: CI notices when any stage breaks it."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["data", "extract", "langid", "dedup-exact", "dedup-minhash", "filter", "decontaminate", "tokenize",
-          "pretrain", "pretrain-resume", "sft", "sft-to-hf", "reward-model", "ppo", "final-to-mcore", "chat"]
+          "pretrain", "pretrain-resume", "sft", "sft-to-hf", "reward-model", "ppo", "final-to-mcore", "long-context",
+          "chat"]
+TINY_RECIPES = ["pretrain_tiny.yaml", "sft_tiny.yaml", "rm_tiny_cpu.yaml", "ppo_tiny_cpu.yaml"]
+# the flags of the recipes' demo_out/ paths: the demo passes none of them (the defaults are proven)
+PATH_FLAGS = ("--data-path", "--data-cache-path", "--save", "--load", "--tensorboard-dir", "--sft-data-path",
+              "--pretrained-checkpoint", "--model-path", "--train-data-path", "--test-data-path", "--export-dir",
+              "--actor-path", "--reward-path", "--prompt-data-path", "--ptx-data-path")
+PRUNED = {"demo_out/ckpt/rm"}  # the reward model's DeepSpeed state: deleted once exported
+
+
+def demo_paths(text: str) -> list:
+    return re.findall(r"demo_out/[^\s`'\"),;\]]+", text)
+
+
+def documented_demo_paths() -> dict:
+    """{path: where} for every demo_out/ path in the README, docs and the tiny recipes."""
+    found = {}
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for path in demo_paths(line):
+                found.setdefault(path.rstrip("."), f"{doc.name}:{number}")
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}" if where.count(":") else f"{where}:{key}")
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, where)
+        elif isinstance(node, str) and node.startswith("demo_out/"):
+            found.setdefault(node, where)
+
+    for name in TINY_RECIPES:
+        text = (REPO / "examples" / name).read_text()
+        walk(yaml.safe_load(text), name)
+        for path in demo_paths("\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))):
+            found.setdefault(path, f"{name} (comment)")
+    return found
 
 
 def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
-    out = tmp_path / "demo"
+    out = tmp_path / "demo_out"  # named so: the stages run on the recipes' own default paths
     proc = subprocess.run([sys.executable, "examples/demo.py", "--out", str(out), "--smoke"], cwd=REPO,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -30,6 +70,23 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     # the pretraining checkpoint went through a real stop and resume
     log = (out / "logs" / "pretrain-resume.log").read_text()
     assert "resumed from" in log
+
+    # every line of every stage reaches the console, indentation kept (a tool's removal reasons)
+    assert re.search(r"^    removed +\d+ +\(\w+ \d+", proc.stdout, re.M), proc.stdout[-3000:]
+    # the training stages ran on the tiny recipes' default paths, which are the demo's outputs
+    commands = [line for line in proc.stdout.splitlines() if re.match(r"(\(in \S+\) )?\$ ", line) and "--config" in line]
+    assert len(commands) == 5 and not [c for c in commands if set(c.split()) & set(PATH_FLAGS)], commands
+    # every demo_out/ path the README, docs and tiny recipes name is there (a prefix: its files)
+    for path, where in documented_demo_paths().items():
+        there = (tmp_path / path).exists() or any((tmp_path / path).parent.glob((tmp_path / path).name + "*"))
+        assert there != (path in PRUNED), f"{where}: {path}"
+    # only what a later stage reads is kept: the last pretraining iteration, the last PPO step
+    assert len(list((out / "ckpt/pretrain").glob("iter_*"))) == 1
+    assert len(list((out / "ckpt/ppo").glob("step_*"))) == 1
+    # the training length (SFT's 256) survived SFT -> HF -> PPO -> mcore: the table is at 1x/4x/8x
+    table = json.loads((out / "long_context.json").read_text())
+    assert table["train_length"] == 256 and table["lengths"] == [256, 1024, 2048]
+    assert len(table["perplexity"]) == 4 and metric["long-context"].startswith("ppl at 2048 (8x 256)")
 
     # a re-run skips every finished stage
     again = subprocess.run([sys.executable, "examples/demo.py", "--out", str(out), "--smoke"], cwd=REPO,

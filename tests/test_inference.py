@@ -372,3 +372,34 @@ def test_generate_and_eval_ppl_run_a_flash_trained_checkpoint_with_default_flags
     assert ppl.main(["--load", str(flash), *args]) == ppl.main(["--load", str(root / "mcore"), *args])
     with pytest.raises(SystemExit, match="attention_backend=flash"):  # asked for explicitly: refused
         chat.main(["--load", str(flash), "--attention-backend", "flash", *args[:0], "--prompt", "x"])
+
+
+def test_tools_print_no_library_warnings_and_say_when_ntk_logn_cannot_act(converted):
+    """tools/generate.py and tools/eval_ppl.py as a user runs them: no warning line from the
+    libraries (Apex, cuda_graph_scope, torch.distributed.checkpoint deprecations: issue #15),
+    and one line saying dynamic NTK / LogN change nothing within the training length (64)."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_qwen.inference.loading import inactive_notice
+    from tests.dist import REPO
+
+    _, root = converted
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = str(REPO)
+    runs = {
+        "generate": ["tools/generate.py", "--load", root / "mcore", "--prompt", "The Python language",
+                     "--max-new-tokens", "3", "--use-dynamic-ntk", "--use-logn-attn"],
+        "eval_ppl": ["tools/eval_ppl.py", "--load", root / "mcore", "--data", DATA, "--seq-lengths", "32",
+                     "--num-samples", "1", "--packing", "concat"],
+    }
+    for name, argv in runs.items():
+        proc = subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert not [line for line in out.splitlines() if "Warning" in line or "warn(" in line], (name, out)
+        assert "note: dynamic NTK and LogN change nothing here" in out and "(64 tokens)" in out, (name, out)
+    assert inactive_notice(64, 65, True, True) is None and inactive_notice(64, 10, False, False) is None
+    assert "act only past the training length (64 tokens)" in inactive_notice(64, None, False, True)

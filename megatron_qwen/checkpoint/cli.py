@@ -26,7 +26,7 @@ USAGE = """usage: convert_checkpoint.py SUBCOMMAND [--flag value ...]
 
 
 def _layout(default: Optional[int], megatron_flag: str, doc: str):
-    return dataclasses.field(default=default, metadata={"aliases": (megatron_flag,), "doc": doc})
+    return dataclasses.field(default=default, metadata={"aliases": (megatron_flag,), "help": doc})
 
 
 def _require(group: str, **values) -> None:
@@ -57,7 +57,7 @@ class McoreToHf:
     """A megatron-core torch_dist checkpoint -> HF safetensors, config, tokenizer."""
 
     mcore: Optional[str] = None  # DIR with latest_checkpointed_iteration.txt, or DIR/iter_NNNNNNN
-    out: Optional[str] = None
+    out: Optional[str] = None  # new directory for the HF checkpoint
     hf_format: str = "qwen2"  # qwen2 (Qwen2ForCausalLM, no remote code) | qwen (QWenLMHeadModel)
     tokenizer: str = "auto"  # auto | none | a .tiktoken file or a directory holding qwen.tiktoken
     vocab_size: Optional[int] = None  # exported embedding rows; default: the source HF row count
@@ -76,8 +76,8 @@ class McoreToHf:
 class Reshard:
     """A torch_dist checkpoint -> the same weights laid out (vocabulary padded) for another TP/PP."""
 
-    mcore: Optional[str] = None
-    out: Optional[str] = None
+    mcore: Optional[str] = None  # source torch_dist checkpoint directory
+    out: Optional[str] = None  # new directory for the resharded checkpoint
     tp: int = _layout(1, "--tensor-model-parallel-size", "target TP")
     pp: int = _layout(1, "--pipeline-model-parallel-size", "target PP")
     vpp: Optional[int] = _layout(None, "--virtual-pipeline-model-parallel-size", "virtual stages")

@@ -135,8 +135,10 @@ def model_config_from_hf(hf_config: Mapping, where: str = "config.json") -> Tupl
             num_layers=g("num_hidden_layers"), hidden_size=g("hidden_size"),
             num_attention_heads=heads, num_query_groups=None if kv == heads else kv,
             ffn_hidden_size=g("intermediate_size"), vocab_size=g("vocab_size"),
-            seq_length=min(2048, opt("max_position_embeddings", 2048)),
-            max_position_embeddings=opt("max_position_embeddings", 8192),
+            # Qwen2's config has one length, the context it was trained for (exported below
+            # from seq_length); the longest the model saw is what NTK and LogN pivot on.
+            seq_length=opt("max_position_embeddings", 2048),
+            max_position_embeddings=opt("max_position_embeddings", 2048),
             rotary_base=float(theta), norm_epsilon=opt("rms_norm_eps", 1e-6, float),
             init_method_std=opt("initializer_range", 0.02, float),
         )
@@ -188,7 +190,7 @@ def hf_config_from_model(cfg: ModelConfig, fmt: str, vocab_rows: int, dtype: tor
         vocab_size=vocab_rows, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups or cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
+        max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_epsilon,
         initializer_range=cfg.init_method_std, tie_word_embeddings=False,
         rope_theta=cfg.rotary_base, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
         architectures=["Qwen2ForCausalLM"],

@@ -30,16 +30,16 @@ class GenerateArgs:
     prompt: Optional[str] = None  # one prompt
     input: Optional[str] = None  # JSONL: {"prompt": str} or {"messages": [...]} per line
     output: Optional[str] = None  # JSONL of results (default: stdout)
-    chat: bool = False  # interactive ChatML chat on stdin
-    chat_format: bool = False  # render --prompt / {"prompt"} records as a ChatML user turn
-    system: str = "You are a helpful assistant."
-    tokenizer: Optional[str] = None
+    chat: bool = False  # interactive multi-turn ChatML chat on stdin (vs --chat-format: one-shot prompts)
+    chat_format: bool = False  # --prompt / {"prompt"} as a ChatML user turn, not a completion
+    system: str = "You are a helpful assistant."  # system message of ChatML prompts
+    tokenizer: Optional[str] = None  # qwen.tiktoken path (default: the shipped one)
     micro_batch_size: int = 8  # prompts generated together
-    use_kv_cache: bool = True
-    use_dynamic_ntk: bool = False
-    use_logn_attn: bool = False
-    window_rule: str = "none"
-    attention_backend: Optional[str] = None
+    use_kv_cache: bool = True  # reuse keys/values between steps (--no-use-kv-cache recomputes)
+    use_dynamic_ntk: bool = False  # NTK-aware RoPE base past the training length (report 2.5)
+    use_logn_attn: bool = False  # LogN query scaling past the training length (report 2.5)
+    window_rule: str = "none"  # per-layer attention windows: none | uniform:W | linear:MIN:MAX
+    attention_backend: Optional[str] = None  # override the checkpoint's: sdpa | flash | unfused
     train_seq_length: Optional[int] = None  # override the checkpoint's training length (L_train)
     bf16: Optional[bool] = None  # --bf16 / --no-bf16 (fp32); unset: bf16 on a GPU, fp32 on CPU
     dtype: Optional[str] = None  # bf16 | fp16 | fp32 (same as --bf16 / --no-bf16); unset: as above
@@ -153,7 +153,7 @@ def _chat_loop(gen: Generator, system: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     from megatron_qwen.config import load_config
-    from megatron_qwen.inference.loading import load_model, requested_dtype
+    from megatron_qwen.inference.loading import inactive_notice, load_model, requested_dtype
     from megatron_qwen.tokenizer import load_tokenizer
 
     cfg = load_config(GenerateConfig, argv, GenerateConfig.__doc__)
@@ -173,17 +173,22 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     except (ConfigError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
     gen = Generator(model[0], model_cfg, tokenizer, cfg.sampling, args.use_kv_cache)
+    if args.prompt is not None:
+        records = [{"prompt": args.prompt}]
+    prompt_ids = [gen.ids_of(r, args.chat_format, args.system) for r in records]
+    longest = max(map(len, prompt_ids)) + cfg.sampling.max_new_tokens if prompt_ids else None
+    notice = inactive_notice(model_cfg.seq_length, longest, args.use_dynamic_ntk, args.use_logn_attn)
+    if notice and _is_rank0():
+        print(notice, file=sys.stderr, flush=True)
     if args.chat:
         _chat_loop(gen, args.system)
         return []
-    if args.prompt is not None:
-        records = [{"prompt": args.prompt}]
     results = []
     started, new_tokens = time.perf_counter(), 0
     for i in range(0, len(records), args.micro_batch_size):
         batch = records[i:i + args.micro_batch_size]
         chat_flags = [args.chat_format or not isinstance(r.get("prompt"), str) for r in batch]
-        ids = [gen.ids_of(r, args.chat_format, args.system) for r in batch]
+        ids = prompt_ids[i:i + args.micro_batch_size]
         # a batch mixes chat and plain prompts only if the file does; stop at both ends then
         outputs = gen.complete(ids, chat=any(chat_flags))
         for record, out in zip(batch, outputs):

@@ -23,12 +23,12 @@ import torch
 class SamplingParams:
     """How the next token is chosen (temperature 0 = greedy)."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0  # 1.0: no nucleus cut
-    repetition_penalty: float = 1.0  # 1.0: none
-    seed: int = 1234
+    max_new_tokens: int = 128  # most tokens generated per prompt
+    temperature: float = 0.0  # softmax temperature (0: greedy)
+    top_k: int = 0  # sample from the k most likely tokens (0: no top-k cut)
+    top_p: float = 1.0  # sample from the smallest set reaching this probability (1.0: no nucleus cut)
+    repetition_penalty: float = 1.0  # divide logits of tokens already present by this (1.0: none)
+    seed: int = 1234  # sampling seed
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

@@ -43,6 +43,21 @@ def set_long_context(model_chunks, setting: LongContext) -> None:
     config.window_sizes = windows
 
 
+def inactive_notice(train_length: int, longest: Optional[int], dynamic_ntk: bool, logn: bool) -> Optional[str]:
+    """One line saying that dynamic NTK / LogN, asked for, cannot change anything: both act only
+    on positions past the training length, and no sequence here is longer (``longest`` None: an
+    interactive chat, length unknown). None when they are off or something is longer."""
+    asked = [name for name, on in (("dynamic NTK", dynamic_ntk), ("LogN", logn)) if on]
+    if not asked or (longest is not None and longest > train_length):
+        return None
+    what = " and ".join(asked)
+    if longest is None:
+        return (f"note: {what} act only past the training length ({train_length} tokens); "
+                "shorter conversations are unchanged")
+    return (f"note: {what} change nothing here: the longest sequence ({longest} tokens) is within "
+            f"the training length ({train_length} tokens)")
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

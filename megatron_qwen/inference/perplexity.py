@@ -204,11 +204,14 @@ def format_table(table: Dict[str, Dict[int, float]], lengths: Sequence[int], tit
 # --------------------------------------------------------------------------- command line
 
 
-def _lengths(text: str) -> List[int]:
+def _lengths(text: str, train_length: int = 2) -> List[int]:
+    """``--seq-lengths``: token counts, or multiples of the training length written ``4x``."""
     try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
+        values = [int(float(x.strip()[:-1]) * train_length) if x.strip().endswith("x") else int(x)
+                  for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--seq-lengths {text!r}: expected comma-separated integers") from None
+        raise ConfigError(f"--seq-lengths {text!r}: expected comma-separated integers "
+                          "(or multiples of the training length: 1x,4x,8x)") from None
     if not values or any(v < 2 for v in values):
         raise ConfigError(f"--seq-lengths {text!r}: expected lengths >= 2")
     return values
@@ -220,16 +223,16 @@ class PerplexityArgs:
 
     load: Optional[str] = None  # megatron-core torch_dist checkpoint directory
     data: Optional[str] = None  # JSONL file, or PREFIX of an indexed dataset (PREFIX.bin/.idx)
-    text_key: str = "text"
+    text_key: str = "text"  # JSONL field with the document
     tokenizer: Optional[str] = None  # qwen.tiktoken path (default: the shipped one)
-    seq_lengths: str = "1024,2048,4096,8192,16384"
+    seq_lengths: str = "1024,2048,4096,8192,16384"  # tokens, or multiples of L_train: 1x,4x,8x
     num_samples: int = 8  # samples per length
     packing: str = "documents"  # documents | concat
     combinations: str = "table3"  # table3 | all | e.g. plain,ntk,ntk+logn+window
     window_rule: Optional[str] = None  # default: linear:L_train/4:L_train (see docs/long_context.md)
     attention_backend: Optional[str] = None  # override the checkpoint's: sdpa | flash | unfused
     train_seq_length: Optional[int] = None  # override the checkpoint's training length (L_train)
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # samples per forward
     bf16: Optional[bool] = None  # --bf16 / --no-bf16 (fp32); unset: bf16 on a GPU, fp32 on CPU
     dtype: Optional[str] = None  # bf16 | fp16 | fp32 (same as --bf16 / --no-bf16); unset: as above
     output: Optional[str] = None  # also write the table as JSON here
@@ -258,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
     import json
 
     from megatron_qwen.config import load_config
-    from megatron_qwen.inference.loading import load_model, requested_dtype
+    from megatron_qwen.inference.loading import inactive_notice, load_model, requested_dtype
     from megatron_qwen.model.long_context import window_sizes_from_rule
     from megatron_qwen.tokenizer import load_tokenizer
 
@@ -279,9 +282,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[int, float]]:
         docs = load_documents(args.data, tokenizer, args.text_key, log)
     except (ConfigError, ValueError) as exc:
         raise SystemExit(f"error: {exc}")
-    lengths = _lengths(args.seq_lengths)
+    lengths = _lengths(args.seq_lengths, model_cfg.seq_length)
     log(f"{args.load}: trained at {model_cfg.seq_length} tokens; {len(docs)} documents; "
         f"windows: {window_rule}")
+    notice = inactive_notice(model_cfg.seq_length, max(lengths), any(r.dynamic_ntk for r in rows),
+                             any(r.logn for r in rows))
+    if notice:
+        log(notice)
     table = evaluate_table(model, docs, lengths, rows, args.num_samples, args.packing,
                            tokenizer.eod_id, args.micro_batch_size, log, model_cfg.vocab_size)
     log(format_table(table, lengths, title=Path(args.load).name))

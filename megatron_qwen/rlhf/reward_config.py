@@ -46,18 +46,18 @@ class RMDataConfig:
 class RMOptimConfig:
     """Optimizer, schedule and batch (group ``optim``); the report: constant 3e-6, batch 64, 1 epoch."""
 
-    lr: float = 3e-6
+    lr: float = 3e-6  # learning rate (constant after warm-up)
     lr_warmup_iters: int = 0  # linear warm-up, then constant
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # clip the global gradient norm to this
     global_batch_size: int = 64  # pairs per optimizer step, over all ranks
     micro_batch_size: int = 1  # pairs per rank per forward (2 sequences each)
-    epochs: int = 1
+    epochs: int = 1  # passes over the training pairs
     train_iters: Optional[int] = None  # stop after this many steps (None: all epochs)
-    seed: int = 1234
+    seed: int = 1234  # seed of the head init and the pair order
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -95,10 +95,10 @@ class RMLoggingConfig:
 
     log_interval: int = 10  # steps between stdout/TensorBoard lines
     eval_interval: int = 0  # steps between test-set evaluations (0: only at the end)
-    tensorboard_dir: Optional[str] = None
+    tensorboard_dir: Optional[str] = None  # write TensorBoard events here
     wandb_project: Optional[str] = None  # None: no wandb
     wandb_mode: str = "offline"  # offline | online | disabled
-    wandb_name: Optional[str] = None
+    wandb_name: Optional[str] = None  # the wandb run name
 
     def validate(self) -> None:
         if self.log_interval < 1:

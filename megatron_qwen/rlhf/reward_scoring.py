@@ -36,7 +36,7 @@ class ScoreDataConfig:
 
     input_path: str = ""  # JSONL, one {"messages": [...]} per line, ending with an assistant turn
     output_path: str = ""  # JSONL: each scored input line + "line", "reward" (+ "reward_normalized")
-    seq_length: int = 2048
+    seq_length: int = 2048  # longest conversation in tokens (longer: cut from the left)
     micro_batch_size: int = 8  # conversations per forward
     dtype: str = "float32"  # float32 | bfloat16
 

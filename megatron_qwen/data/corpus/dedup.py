@@ -56,21 +56,21 @@ class DedupConfig:
     output: Optional[str] = None  # kept records, JSONL, in input order
     report: Optional[str] = None  # one line per removed record (default: OUTPUT.duplicates.jsonl)
     removed: Optional[str] = None  # also write the removed records themselves here
-    text_key: str = "text"
+    text_key: str = "text"  # JSONL field with the text
     id_key: str = "id"  # copied into the report when present
     # MinHash
     shingle: str = "auto"  # words | chars | auto (chars for CJK text, per document)
     ngram: int = 5  # words per shingle
     char_ngram: int = 5  # characters per shingle
-    num_perm: int = 128
+    num_perm: int = 128  # MinHash permutations (signature length)
     threshold: float = 0.8  # Jaccard similarity that makes a duplicate
     bands: Optional[int] = None  # with rows: fixed LSH shape; else chosen from threshold
-    rows: Optional[int] = None
+    rows: Optional[int] = None  # with bands: rows per LSH band
     false_positive_weight: float = 0.5  # weights of the bands/rows choice
-    false_negative_weight: float = 0.5
+    false_negative_weight: float = 0.5  # weights of the bands/rows choice
     verify: bool = False  # keep only candidate pairs whose true Jaccard >= threshold
     scheme: str = "affine32"  # affine32 | affine64 | mersenne (see minhash.py)
-    seed: int = 1
+    seed: int = 1  # seed of the MinHash permutations
     bands_per_pass: Optional[int] = None  # band this many bands per pass (bounds memory)
     # bounded memory at any corpus size (partitioned.py): state on disk in this many partitions
     partitions: Optional[int] = None

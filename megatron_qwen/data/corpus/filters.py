@@ -47,36 +47,36 @@ class FilterConfig:
 
     output: str = ""  # JSONL of kept records
     rejected: Optional[str] = None  # JSONL of removed records, each with "_rejected": {reason, detail}
-    text_key: str = "text"
+    text_key: str = "text"  # JSONL field with the text
     lang_key: str = "lang"  # if a record has it (see extract_text.py), zh/ja select the CJK rules
     cjk_ratio: float = 0.3  # without a lang field: CJK if this share of letters are Han/kana
     disable: list = dataclasses.field(default_factory=list)  # rule names to skip
-    min_words: int = 50
-    max_words: int = 100_000
+    min_words: int = 50  # fewest words a document may have
+    max_words: int = 100_000  # most words a document may have
     min_cjk_chars: int = 100  # CJK documents: length in Han/kana characters (+ Latin words)
-    max_cjk_chars: int = 200_000
-    min_mean_word_length: float = 3.0
-    max_mean_word_length: float = 10.0
+    max_cjk_chars: int = 200_000  # CJK documents: most Han/kana characters
+    min_mean_word_length: float = 3.0  # shortest mean word length (characters)
+    max_mean_word_length: float = 10.0  # longest mean word length (characters)
     max_symbol_word_ratio: float = 0.1  # ("#" + ellipses) per word
     max_bullet_lines_ratio: float = 0.9  # lines starting with a bullet
     max_ellipsis_lines_ratio: float = 0.3  # lines ending with an ellipsis
     min_alpha_words_ratio: float = 0.8  # words with at least one letter
     min_stop_words: int = 2  # occurrences of stop words, at least
-    stop_words: list = dataclasses.field(
+    stop_words: list = dataclasses.field(  # English stop words counted by min_stop_words
         default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
-    cjk_stop_words: list = dataclasses.field(
+    cjk_stop_words: list = dataclasses.field(  # CJK stop characters counted by min_stop_words
         default_factory=lambda: ["的", "了", "是", "在", "和", "有", "不", "这", "也", "就", "我", "他", "与"])
     max_duplicate_lines_ratio: float = 0.3  # repeated lines / lines
     max_duplicate_line_chars_ratio: float = 0.2  # characters in repeated lines / characters
-    max_duplicate_paragraphs_ratio: float = 0.3
-    max_duplicate_paragraph_chars_ratio: float = 0.2
+    max_duplicate_paragraphs_ratio: float = 0.3  # repeated paragraphs / paragraphs
+    max_duplicate_paragraph_chars_ratio: float = 0.2  # characters in repeated paragraphs / characters
     top_ngram_max_ratio: dict = dataclasses.field(  # n -> max share of characters in the top n-gram
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
     dup_ngram_max_ratio: dict = dataclasses.field(  # n -> max share of characters in repeated n-grams
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
     cjk_top_ngram_max_ratio: dict = dataclasses.field(  # character n-grams for CJK documents
         default_factory=lambda: {3: 0.20, 5: 0.18, 7: 0.16})
-    cjk_dup_ngram_max_ratio: dict = dataclasses.field(
+    cjk_dup_ngram_max_ratio: dict = dataclasses.field(  # CJK: n -> max share in repeated n-grams
         default_factory=lambda: {10: 0.15, 12: 0.14, 14: 0.13, 16: 0.12, 18: 0.11, 20: 0.10})
 
     def validate(self) -> None:

@@ -36,24 +36,24 @@ class RolloutConfig:
 
     prompt_data_path: Optional[str] = None  # JSONL: {"prompt": str} | {"messages": [...]} | {"input_ids": [...]}
     prompts_per_step: int = 4  # global number of prompts per PPO step (all ranks together)
-    samples_per_prompt: int = 2
-    top_p: float = 0.9
-    temperature: float = 1.0
+    samples_per_prompt: int = 2  # responses sampled per prompt
+    top_p: float = 0.9  # nucleus sampling threshold
+    temperature: float = 1.0  # sampling temperature
     max_prompt_length: int = 512  # longer prompts are cut from the left (the end is kept)
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # longest response in tokens
     stop_token_id: Optional[int] = None  # None: the tokenizer's <|im_end|>
     pad_token_id: Optional[int] = None  # None: the tokenizer's <|endoftext|>
     # A response that reaches max_new_tokens without <|im_end|>: "penalty" replaces its reward-model
     # score by unfinished_penalty; "truncate" scores it as it is (it is still counted as truncated).
-    unfinished_rule: str = "penalty"
-    unfinished_penalty: float = -1.0
-    rollout_seed: int = 1234
-    # Rows per generation forward on each rank (None: all the rank's rows at once). The KV cache
-    # and the sampling buffers scale with it: rows x (prompt + new tokens) x the cache per token.
-    generation_micro_batch_size: Optional[int] = None
-    # ZeRO-3 actor: gather its parameters once per rollout (one full copy of the actor's weights
-    # per rank while generating, no per-token all-gather) instead of once per forward.
-    generation_gather_params: bool = True
+    unfinished_rule: str = "penalty"  # a response cut at max_new_tokens: penalty | truncate
+    unfinished_penalty: float = -1.0  # the score given to an unfinished response under penalty
+    rollout_seed: int = 1234  # base seed of each sequence's sampler
+    # The KV cache and the sampling buffers scale with it: rows x (prompt + new tokens) x the cache
+    # per token.
+    generation_micro_batch_size: Optional[int] = None  # rows per generation forward on each rank (null: all at once)
+    # ZeRO-3 actor: one full copy of the actor's weights per rank while generating, no per-token
+    # all-gather.
+    generation_gather_params: bool = True  # ZeRO-3: gather the actor once per rollout, not once per forward
 
     def validate(self) -> None:
         if self.generation_micro_batch_size is not None and self.generation_micro_batch_size < 1:
@@ -75,16 +75,16 @@ class RolloutConfig:
 class PPOConfig:
     """The PPO objective and its schedule."""
 
-    kl_coef: float = 0.04
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_ratio: float = 0.2
-    value_clip: float = 0.15
+    kl_coef: float = 0.04  # weight of the per-token KL penalty to the reference
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip_ratio: float = 0.2  # policy ratio clip (epsilon)
+    value_clip: float = 0.15  # value-function clip around the old values
     entropy_coef: float = 0.0  # entropy is always logged; a bonus only if > 0
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over each rollout batch
     mini_batch_size: int = 4  # sequences per optimizer step, all ranks together (global)
     value_warmup_steps: int = 50  # first steps train only the critic
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1
     normalize_reward: bool = True  # running mean across steps
     normalize_reward_std: bool = True  # also divide by the running std
     reward_clip: Optional[float] = None  # clip normalised scores to [-c, c]
@@ -109,7 +109,7 @@ class PtxConfig:
 
     ptx_data_path: Optional[str] = None  # Megatron indexed dataset prefix (PREFIX.bin / PREFIX.idx)
     ptx_coef: float = 0.5  # weight of the LM loss; the term is off without ptx_data_path
-    ptx_seq_length: int = 512
+    ptx_seq_length: int = 512  # tokens per pretraining sequence
     ptx_batch_size: int = 4  # pretraining sequences per actor step, all ranks together (global)
 
     def validate(self) -> None:
@@ -124,18 +124,18 @@ class EnginesConfig:
     """DeepSpeed layout of each engine. Actor and critic train (ZeRO 1/2/3); reference and
     reward are inference engines (ZeRO-3 partitioned, or 0 = a full copy per rank)."""
 
-    actor_zero_stage: int = 2
-    critic_zero_stage: int = 2
-    ref_zero_stage: int = 3
-    reward_zero_stage: int = 3
-    actor_offload_optimizer: bool = False
+    actor_zero_stage: int = 2  # actor's ZeRO stage (1-3)
+    critic_zero_stage: int = 2  # critic's ZeRO stage (1-3)
+    ref_zero_stage: int = 3  # reference's ZeRO stage (3, or 0: a full copy per rank)
+    reward_zero_stage: int = 3  # reward model's ZeRO stage (3, or 0: a full copy per rank)
+    actor_offload_optimizer: bool = False  # actor's optimizer state in CPU memory
     actor_offload_param: bool = False  # ZeRO-3 only
-    critic_offload_optimizer: bool = False
-    critic_offload_param: bool = False
+    critic_offload_optimizer: bool = False  # critic's optimizer state in CPU memory
+    critic_offload_param: bool = False  # critic's parameters in CPU memory (ZeRO-3 only)
     ref_offload_param: bool = False  # ZeRO-3 only
-    reward_offload_param: bool = False
+    reward_offload_param: bool = False  # reward model's parameters in CPU memory (ZeRO-3 only)
     bf16: bool = False  # on for GPUs; CPU runs stay in fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute actor/critic activations in the backward pass
 
     def validate(self) -> None:
         for name in ("actor_zero_stage", "critic_zero_stage"):
@@ -153,13 +153,13 @@ class EnginesConfig:
 class OptimConfig:
     """One AdamW per trained engine (report: policy 1e-6, value 5e-6, constant)."""
 
-    actor_lr: float = 1e-6
-    critic_lr: float = 5e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    actor_lr: float = 1e-6  # actor learning rate (constant)
+    critic_lr: float = 5e-6  # critic learning rate (constant)
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # clip each engine's gradient norm to this
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up, then constant
 
     def validate(self) -> None:
@@ -172,14 +172,14 @@ class TrainConfig:
     """Run length, checkpoints, logging."""
 
     train_iters: int = 1000  # PPO steps (one rollout batch each)
-    seed: int = 1234
+    seed: int = 1234  # seed of the heads' init and the prompt order
     save: Optional[str] = None  # checkpoint directory
-    save_interval: int = 100
+    save_interval: int = 100  # PPO steps between checkpoints
     save_frozen_engines: bool = True  # also save reference and reward engines
     load: Optional[str] = None  # resume from this checkpoint directory (latest tag)
     export_dir: Optional[str] = None  # actor in HF form at the end of the run
-    log_interval: int = 1
-    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1  # PPO steps between log lines
+    tensorboard_dir: Optional[str] = None  # write TensorBoard events here
     wandb_project: Optional[str] = None  # None: wandb off
     wandb_mode: str = "offline"  # offline unless configured
     metrics_jsonl: Optional[str] = None  # one JSON line of metrics per step (rank 0)
