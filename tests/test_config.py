@@ -170,9 +170,15 @@ def test_every_flag_of_every_entry_point_has_a_description(monkeypatch, capsys):
     for script, args in runs:
         lines = _help_of(script, args, monkeypatch, capsys).splitlines()
         flags = [i for i, line in enumerate(lines) if re.match(r"  --\S+ +\w+ +default:", line)]
-        assert flags, (script.name, lines[:5])
-        bare = [lines[i].split()[0] for i in flags
-                if not (i + 1 < len(lines) and lines[i + 1].startswith("      ") and lines[i + 1].strip())]
+        if flags:  # our config system's help: the description on the line below
+            bare = [lines[i].split()[0] for i in flags
+                    if not (i + 1 < len(lines) and lines[i + 1].startswith("      ") and lines[i + 1].strip())]
+        else:  # a plain argparse tool: the help beside the flag or on the line below
+            flags = [i for i, line in enumerate(lines) if re.match(r"  --\S+", line) and "--help" not in line]
+            assert flags, (script.name, lines[:5])
+            bare = [lines[i].split()[0] for i in flags
+                    if not re.match(r"  --\S+( [A-Z_]+)?  +\S", lines[i])
+                    and not (i + 1 < len(lines) and lines[i + 1].startswith("        ") and lines[i + 1].strip())]
         assert not bare, f"{script.name} {args[0]}: no description for {bare}"
     # the argparse examples: every action but -h has its help
     parsers = []

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="the recipe (YAML)")
     p.add_argument("--world-size", type=int, help="GPUs in all (or --nodes)")
     p.add_argument("--nodes", type=int, help="nodes of --gpus-per-node GPUs")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (with --nodes)")
     p.add_argument("--model-preset", help="shape of the HF models of an RM/PPO recipe whose "
                    "directories are not there yet (qwen_1p8b, qwen_7b, qwen_14b)")
     p.add_argument("--cpu", action="store_true", help="plan the fp32 run a CPU machine makes")

@@ -72,8 +72,8 @@ class DedupConfig:
     scheme: str = "affine32"  # affine32 | affine64 | mersenne (see minhash.py)
     seed: int = 1  # seed of the MinHash permutations
     bands_per_pass: Optional[int] = None  # band this many bands per pass (bounds memory)
-    # bounded memory at any corpus size (partitioned.py): state on disk in this many partitions
-    partitions: Optional[int] = None
+    # Bounded memory at any corpus size (partitioned.py).
+    partitions: Optional[int] = None  # keep dedup state on disk in this many partitions (bounded memory)
     work_dir: Optional[str] = None  # where (default: beside --output); removed at the end
 
     def validate(self) -> None:
