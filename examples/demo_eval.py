@@ -1,17 +1,19 @@
 #!/usr/bin/env python
 """Held-out numbers of the demo's models (Hugging Face directories), as one JSON file.
 
-    python examples/demo_eval.py --model demo_out/hf/sft --raw demo_out/raw --out eval.json \
-        [--plain] [--assistant] [--reward --samples 8 --seed 1] [--pairs --reward-model demo_out/hf/rm]
+    python examples/demo_eval.py --raw demo_out/raw --out demo_out/eval/heldout.json \
+        --model sft=demo_out/hf/sft:plain,assistant,pairs,reward \
+        --model rm=demo_out/hf/sft:pairs --reward-model demo_out/hf/rm [--samples 8 --seed 1]
 
---plain       perplexity on held-out documents (raw/heldout_text.jsonl, never trained on), in
-              128-token windows
---assistant   mean loss of the assistant tokens of held-out conversations (raw/sft_test.jsonl)
---reward      mean arithmetic reward (megatron_qwen/rlhf/ppo/rule_reward.py) on the held-out
-              prompts (raw/prompts_test.jsonl), --samples per prompt from fixed seeds
---pairs       share of held-out preference pairs (raw/pairs_test.jsonl) that --reward-model
-              scores chosen > rejected; without --reward-model, the --model's own log-likelihood
-              of the answer decides (the preference the SFT model already has)
+Tasks (after the model directory):
+  plain      perplexity on held-out documents (raw/heldout_text.jsonl, never trained on), in
+             128-token windows
+  assistant  mean loss of the assistant tokens of held-out conversations (raw/sft_test.jsonl)
+  reward     mean arithmetic reward (megatron_qwen/rlhf/ppo/rule_reward.py) on the held-out
+             prompts (raw/prompts_test.jsonl), --samples per prompt from fixed seeds
+  pairs      share of held-out preference pairs (raw/pairs_test.jsonl) scored chosen > rejected:
+             by --reward-model for the model named rm, else by the model's own likelihood of
+             the answer (the preference the SFT model already has)
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def assistant_loss(model, tokenizer, conversations: list) -> float:
     total = count = 0.0
     for c in conversations:
         r = render_chatml(c["messages"], tokenizer)
-        n, k = nll_sum(model, r.ids, r.mask)
+        n, k = nll_sum(model, r.ids, r.loss_mask)
         total, count = total + n, count + k
     return total / count
 
@@ -82,51 +84,75 @@ def pair_accuracy(tokenizer, pairs: list, reward_model=None, lm=None) -> float:
                 x = torch.tensor([r.ids])
                 scores.append(float(reward_model.reward(x, torch.ones_like(x))))
             else:
-                scores.append(-nll_sum(lm, r.ids, r.mask)[0])
+                scores.append(-nll_sum(lm, r.ids, r.loss_mask)[0])
         right += scores[0] > scores[1]
     return right / len(pairs)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face directory of the model to evaluate")
-    p.add_argument("--raw", type=Path, required=True, help="the demo's raw data directory (held-out sets)")
-    p.add_argument("--out", type=Path, required=True, help="write the numbers here as JSON")
-    p.add_argument("--plain", action="store_true", help="perplexity on held-out documents")
-    p.add_argument("--assistant", action="store_true", help="assistant-token loss on held-out conversations")
-    p.add_argument("--reward", action="store_true", help="mean arithmetic reward on held-out prompts")
-    p.add_argument("--samples", type=int, default=8, help="samples per held-out prompt for --reward")
-    p.add_argument("--seed", type=int, default=1, help="sampling seed for --reward")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="response budget for --reward")
-    p.add_argument("--pairs", action="store_true", help="pairwise accuracy on held-out preference pairs")
-    p.add_argument("--reward-model", help="reward-model export to score --pairs with (else --model's likelihood)")
-    args = p.parse_args(argv)
+TASKS = ("plain", "assistant", "pairs", "reward")
 
+
+def parse_model(text: str) -> tuple:
+    """NAME=DIR:task,task -> (name, dir, [tasks])."""
+    name, sep, rest = text.partition("=")
+    path, sep2, tasks = rest.rpartition(":")
+    wanted = tasks.split(",") if sep2 else []
+    bad = [t for t in wanted if t not in TASKS]
+    if not sep or not sep2 or not name or not path or bad:
+        raise argparse.ArgumentTypeError(f"--model {text!r}: expected NAME=DIR:TASK[,TASK] with tasks from "
+                                         f"{', '.join(TASKS)}")
+    return name, path, wanted
+
+
+def evaluate(path: str, tasks: list, raw: Path, tokenizer, samples: int, seed: int, max_new_tokens: int,
+             reward_model: str = None) -> dict:
     from megatron_qwen.rlhf import hf_model
-    from megatron_qwen.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(None)
-    model = hf_model.load_causal_lm(args.model).eval()
-    out: dict = {"model": str(args.model)}
-    if args.plain:
-        out["plain_ppl"] = plain_ppl(model, tokenizer, read_jsonl(args.raw / "heldout_text.jsonl"))
-    if args.assistant:
-        out["assistant_loss"] = assistant_loss(model, tokenizer, read_jsonl(args.raw / "sft_test.jsonl"))
-    if args.reward:
+    model = hf_model.load_causal_lm(path).eval()
+    out: dict = {"model": str(path)}
+    if "plain" in tasks:
+        out["plain_ppl"] = plain_ppl(model, tokenizer, read_jsonl(raw / "heldout_text.jsonl"))
+    if "assistant" in tasks:
+        out["assistant_loss"] = assistant_loss(model, tokenizer, read_jsonl(raw / "sft_test.jsonl"))
+    if "reward" in tasks:
         from megatron_qwen.rlhf.ppo.prompts import load_prompts
         from megatron_qwen.rlhf.ppo.rule_reward import heldout_reward
 
-        prompts, _ = load_prompts(args.raw / "prompts_test.jsonl", tokenizer)
-        out["reward"] = heldout_reward(model, tokenizer, prompts, args.samples, args.seed,
-                                       max_new_tokens=args.max_new_tokens)
-    if args.pairs:
-        pairs = read_jsonl(args.raw / "pairs_test.jsonl")
-        rm = hf_model.load_with_head(args.reward_model, require_head=True).eval() if args.reward_model else None
-        out["pair_accuracy"] = pair_accuracy(tokenizer, pairs, reward_model=rm, lm=model)
+        prompts, _ = load_prompts(raw / "prompts_test.jsonl", tokenizer)
+        out["reward"] = heldout_reward(model, tokenizer, prompts, samples, seed, max_new_tokens=max_new_tokens)
+    if "pairs" in tasks:
+        rm = hf_model.load_with_head(reward_model, require_head=True).eval() if reward_model else None
+        out["pair_accuracy"] = pair_accuracy(tokenizer, read_jsonl(raw / "pairs_test.jsonl"), reward_model=rm, lm=model)
+        if reward_model:
+            out["reward_model"] = str(reward_model)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=parse_model, action="append", required=True,
+                   help="NAME=DIR:TASKS, a Hugging Face model directory and what to measure on it (repeatable)")
+    p.add_argument("--raw", type=Path, required=True, help="the demo's raw data directory (held-out sets)")
+    p.add_argument("--out", type=Path, required=True, help="write {NAME: numbers} here as JSON")
+    p.add_argument("--samples", type=int, default=8, help="samples per held-out prompt for the reward task")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed for the reward task")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="response budget for the reward task")
+    p.add_argument("--reward-model", help="reward-model export that scores the pairs of the model named rm")
+    args = p.parse_args(argv)
+
+    from megatron_qwen.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    out = {}
+    for name, path, tasks in args.model:
+        out[name] = evaluate(path, tasks, args.raw, tokenizer, args.samples, args.seed, args.max_new_tokens,
+                             reward_model=args.reward_model if name == "rm" else None)
+        print(f"{name}: " + json.dumps(out[name]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out))
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(args.out)
     return out
 
 

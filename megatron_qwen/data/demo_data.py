@@ -50,13 +50,15 @@ def _junk(rng: random.Random, i: int) -> dict:
 
 HELDOUT_EVERY = 25  # one document in 25 is held out of every training set
 ADD_RANGE = 10  # the arithmetic questions: A + B with A, B in [0, ADD_RANGE)
-PHRASINGS = ("What is {a}+{b}?", "Compute {a} + {b}.", "{a}+{b}=?")
+PHRASINGS = ("What is {a}+{b}?", "Compute {a} + {b}.", "{a}+{b}=?", "Add {a} and {b}: {a}+{b}", "How much is {a} + {b}?")
 
 
 def arithmetic_sets(rng: random.Random) -> dict:
-    """Sums of two digits, split by the (A, B) pair: SFT learns the answers of half the pairs;
-    the PPO prompts, the reward-model pairs and the held-out sets use the other pairs, so every
-    "after" number is measured on questions the model never saw answered."""
+    """Sums of two digits, split by the (A, B) pair: SFT answers half the pairs, PPO asks a
+    quarter, a quarter is never trained on (SFT's held-out loss, the reward model's held-out
+    pairs, ``prompts_unseen``). ``prompts_test`` asks PPO's sums in the one phrasing PPO never
+    trains with: a tiny model does not learn addition from 50 sums, so the PPO effect it can
+    show is on its own sums in new words (docs/ppo.md gives both numbers)."""
     pairs = [(a, b) for a in range(ADD_RANGE) for b in range(ADD_RANGE)]
     rng.shuffle(pairs)
     half, three_q = len(pairs) // 2, 3 * len(pairs) // 4
@@ -75,8 +77,9 @@ def arithmetic_sets(rng: random.Random) -> dict:
                 for k, (a, b) in enumerate(test_pairs)]
     return {
         "sft": sft, "sft_test": sft_test,
-        "prompts": [{"messages": question(a, b, k)} for a, b in ppo_pairs for k in range(len(PHRASINGS))],
-        "prompts_test": [{"messages": question(a, b, k)} for k, (a, b) in enumerate(test_pairs)],
+        "prompts": [{"messages": question(a, b, k)} for a, b in ppo_pairs for k in range(len(PHRASINGS) - 1)],
+        "prompts_test": [{"messages": question(a, b, len(PHRASINGS) - 1)} for a, b in ppo_pairs],
+        "prompts_unseen": [{"messages": question(a, b, k)} for k, (a, b) in enumerate(test_pairs)],
         "pairs_train": [preference(a, b, k) for a, b in sft_pairs + ppo_pairs for k in range(len(PHRASINGS))],
         "pairs_test": [preference(a, b, k) for a, b in test_pairs for k in range(len(PHRASINGS))],
     }
@@ -184,6 +187,7 @@ def build(out_dir: Path, seed: int = 1234, max_chinese: int = 300) -> dict:
     write("pairs_test.jsonl", arith["pairs_test"])
     write("prompts.jsonl", arith["prompts"])
     write("prompts_test.jsonl", arith["prompts_test"])
+    write("prompts_unseen.jsonl", arith["prompts_unseen"])
     return {"corpus": real_corpus.describe(docs), "raw_docs": len(raw), "html_pages": len(html),
             "planted": planted, "heldout_text": len(heldout_text), "sft": len(sft),
             "sft_test": len(sft_test) + len(arith["sft_test"]), "pairs": len(pairs),
