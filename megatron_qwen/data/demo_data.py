@@ -85,6 +85,19 @@ def arithmetic_sets(rng: random.Random) -> dict:
     }
 
 
+def multi_turn(conversations: list, rng: random.Random, turns: int = 4, rounds: int = 4) -> list:
+    """The single-turn arithmetic conversations again, ``turns`` to a conversation, ``rounds``
+    times over in fresh orders: each sum is a few tokens, so this gives the skill PPO builds on
+    its weight in the SFT loss for few extra tokens (no system prompt repeated per sum)."""
+    out = []
+    for _ in range(rounds):
+        order = conversations[:]
+        rng.shuffle(order)
+        for i in range(0, len(order) - turns + 1, turns):
+            out.append({"messages": [m for c in order[i:i + turns] for m in c["messages"]]})
+    return out
+
+
 def _passage(text: str, words: int) -> str:
     return " ".join(_HEADING.sub("", text.strip(), count=1).split()[:words])
 
@@ -165,7 +178,7 @@ def build(out_dir: Path, seed: int = 1234, max_chinese: int = 300) -> dict:
 
     sft, sft_test = instruction_sets(docs, rng)
     arith = arithmetic_sets(rng)
-    sft += arith["sft"]
+    sft += arith["sft"] + multi_turn(arith["sft"], rng)
     rng.shuffle(sft)
     pairs = arith["pairs_train"]
 
