@@ -111,7 +111,9 @@ def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], st
         parts = []
         if stage == "pretrain":
             v = first_last(logdir, "valid/lm_loss")
-            if v:
+            if v and v[0] == v[2]:
+                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]})")
+            elif v:
                 parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]}) -> {math.exp(v[3]):,.0f} (it. {v[2]})")
             if "plain_ppl" in base:
                 parts.append(f"held-out documents ppl {base['plain_ppl']:,.0f}")

@@ -31,9 +31,16 @@ def heldout(model_dir, paths, seed=1):
     from megatron_qwen.rlhf.ppo.rule_reward import heldout_reward
     from megatron_qwen.tokenizer import load_tokenizer
 
+    import torch
+
     tok = load_tokenizer(paths["tokenizer"])
     prompts, _ = load_prompts(paths["prompts_test"], tok)
-    return heldout_reward(hf_model.load_causal_lm(model_dir).eval(), tok, prompts, SAMPLES, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as when the noise was measured
+    try:
+        return heldout_reward(hf_model.load_causal_lm(model_dir).eval(), tok, prompts, SAMPLES, seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ppo_args(paths, out: Path, seed: int = 1) -> list:

@@ -164,3 +164,12 @@ def test_arithmetic_reward_reads_the_question_and_the_first_integer():
     attn[:, -1] = 0  # padding after the stop token is not read
     scores = ArithmeticReward(tok)(seqs, attn, len(prompt))
     assert scores.tolist() == [1.0, 0.0]
+
+
+def test_unknown_reward_is_a_config_error_naming_the_field():
+    from megatron_qwen.config import ConfigError
+    from megatron_qwen.rlhf.ppo.config import PPOConfig
+
+    PPOConfig(reward="arithmetic").validate()
+    with pytest.raises(ConfigError, match="ppo.reward='maths'"):
+        PPOConfig(reward="maths").validate()

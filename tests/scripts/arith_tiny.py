@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import torch
+from sft_common import PADDED_VOCAB
 
 
 def tiny_config(vocab_size: int):
@@ -26,24 +27,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def sft_actor(out_dir: Path, steps: int, seed: int = 0, lr: float = 3e-3, batch: int = 32) -> dict:
-    """Train on the SFT arithmetic conversations (assistant tokens only); write the model, a
-    critic initialisation (the backbone + a zero value head), train/held-out prompt files."""
-    from transformers import Qwen2ForCausalLM
-
-    from megatron_qwen.data.demo_data import arithmetic_sets
-    from megatron_qwen.rlhf.hf_model import QwenWithHead, save_with_head
-    from megatron_qwen.tokenizer import load_tokenizer, render_chatml
-    from sft_common import PADDED_VOCAB, write_small_bpe
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_small_bpe(out_dir / "small.tiktoken")
-    tok = load_tokenizer(out_dir / "small.tiktoken")
-    sets = arithmetic_sets(random.Random(1234))
-    rendered = [render_chatml(c["messages"], tok) for c in sets["sft"]]
+def _train(model_cls, tok, rendered, steps, seed, lr, batch):
+    """AdamW on the assistant tokens of random batches of ``rendered`` conversations."""
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(tiny_config(PADDED_VOCAB))
+    model = model_cls(tiny_config(PADDED_VOCAB))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = random.Random(seed)
     for _ in range(steps):
@@ -58,12 +45,37 @@ def sft_actor(out_dir: Path, steps: int, seed: int = 0, lr: float = 3e-3, batch:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model, loss
+
+
+def sft_actor(out_dir: Path, steps: int, seed: int = 0, lr: float = 3e-3, batch: int = 32) -> dict:
+    """Train on the SFT arithmetic conversations (assistant tokens only); write the model, a
+    critic initialisation (the backbone + a zero value head), train/held-out prompt files."""
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_qwen.data.demo_data import arithmetic_sets
+    from megatron_qwen.rlhf.hf_model import QwenWithHead, save_with_head
+    from megatron_qwen.tokenizer import load_tokenizer, render_chatml
+    from sft_common import write_small_bpe
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_small_bpe(out_dir / "small.tiktoken")
+    tok = load_tokenizer(out_dir / "small.tiktoken")
+    sets = arithmetic_sets(random.Random(1234))
+    rendered = [render_chatml(c["messages"], tok) for c in sets["sft"]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same float sums, so the same model, whatever the machine's cores
+    try:
+        model, loss = _train(Qwen2ForCausalLM, tok, rendered, steps, seed, lr, batch)
+    finally:
+        torch.set_num_threads(threads)
     model.save_pretrained(str(out_dir / "actor"), safe_serialization=True)
     critic = QwenWithHead(model.model)
     with torch.no_grad():
         for p in critic.head.parameters():
             p.zero_()
     save_with_head(critic.state_dict(), model.config, out_dir / "critic")
-    return {"actor": out_dir / "actor", "tokenizer": out_dir / "small.tiktoken", "critic": out_dir / "critic", "sft_loss": float(loss),
+    return {"actor": out_dir / "actor", "tokenizer": out_dir / "small.tiktoken", "critic": out_dir / "critic", "sft_loss": loss.item(),
             "prompts": write_jsonl(out_dir / "prompts.jsonl", sets["prompts"]),
             "prompts_test": write_jsonl(out_dir / "prompts_test.jsonl", sets["prompts_test"])}
