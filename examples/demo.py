@@ -109,13 +109,13 @@ def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], st
         ev = read_json(eval_json)
         base, sft, rm, ppo = (ev.get(k, {}) for k in ("base", "sft", "rm", "ppo"))
         parts = []
-        if stage == "pretrain":
+        if stage in ("pretrain", "pretrain-half"):
             v = first_last(logdir, "valid/lm_loss")
-            if v and v[0] == v[2]:
+            if v and (v[0] == v[2] or stage == "pretrain-half"):
                 parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]})")
             elif v:
                 parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]}) -> {math.exp(v[3]):,.0f} (it. {v[2]})")
-            if "plain_ppl" in base:
+            if "plain_ppl" in base and stage == "pretrain":
                 parts.append(f"held-out documents ppl {base['plain_ppl']:,.0f}")
         elif stage == "sft":
             if "assistant_loss" in sft:
@@ -195,7 +195,7 @@ def plan(out: Path, smoke: bool) -> list:
                        "--data-cache-path", data / "cache", "--save", ck / "pretrain", "--load", ck / "pretrain",
                        "--train-iters", pre_iters, "--exit-interval", pre_iters // 2, "--save-interval", pre_iters // 2,
                        "--eval-interval", pre_iters // 2, "--log-interval", 2, "--tensorboard-dir", tb / "pretrain"),
-              heldout_metric(heldout, "pretrain", tb / "pretrain"), str(ck / "pretrain"), nproc=2),
+              heldout_metric(heldout, "pretrain-half", tb / "pretrain"), str(ck / "pretrain"), nproc=2),
         Stage("pretrain-resume", "resume from the checkpoint (--load) and finish",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/pretrain_tiny.yaml",
                        "--tensor-model-parallel-size", "2", "--data-path", corpus_doc,
