@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -136,13 +137,65 @@ def curve_metric(logdir: Path, *names: str) -> Callable[[], str]:
     return metric
 
 
+def first_last(logdir: Path, tag: str) -> Optional[tuple]:
+    """(first step, first value, last step, last value) of one TensorBoard scalar, or None."""
+    series = scalars(logdir).get(tag) if Path(logdir).exists() else None
+    return (series[0][0], series[0][1], series[-1][0], series[-1][1]) if series else None
+
+
+def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], str]:
+    """The summary row of a training stage: its held-out numbers before -> after
+    (examples/demo_eval.py's JSON, and the validation curve the stage logged)."""
+
+    def metric() -> str:
+        ev = read_json(eval_json)
+        base, sft, rm, ppo = (ev.get(k, {}) for k in ("base", "sft", "rm", "ppo"))
+        parts = []
+        if stage in ("pretrain", "pretrain-half"):
+            v = first_last(logdir, "valid/lm_loss")
+            if v and (v[0] == v[2] or stage == "pretrain-half"):
+                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]})")
+            elif v:
+                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]}) -> {math.exp(v[3]):,.0f} (it. {v[2]})")
+            if "plain_ppl" in base and stage == "pretrain":
+                parts.append(f"held-out documents ppl {base['plain_ppl']:,.0f}")
+        elif stage == "sft":
+            if "assistant_loss" in sft:
+                parts.append(f"held-out assistant loss {base['assistant_loss']:.3f} -> {sft['assistant_loss']:.3f}")
+            if "plain_ppl" in sft:
+                parts.append(f"plain ppl {base['plain_ppl']:,.0f} -> {sft['plain_ppl']:,.0f} "
+                             f"(x{sft['plain_ppl'] / base['plain_ppl']:.2f} of the base)")
+        elif stage == "rm":
+            if "pair_accuracy" in rm:
+                parts.append(f"held-out pair accuracy {sft['pair_accuracy']:.3f} (SFT likelihood) -> "
+                             f"{rm['pair_accuracy']:.3f} (reward model)")
+        elif stage == "ppo":
+            if "reward" in ppo:
+                parts.append(f"held-out mean reward {sft['reward']['mean_reward']:.3f} -> "
+                             f"{ppo['reward']['mean_reward']:.3f} ({ppo['reward']['prompts']} prompts x "
+                             f"{ppo['reward']['samples_per_prompt']} samples)")
+            kl = first_last(logdir, "approx_kl")
+            if kl:
+                parts.append(f"last approx_kl {kl[3]:.2g}")
+        return "; ".join(parts)
+
+    return metric
+
+
+def pretrain_iters(smoke: bool) -> int:
+    """Pretraining steps; the first stage stops half-way and the second resumes there."""
+    return 20 if smoke else 200
+
+
 def plan(out: Path, smoke: bool) -> list:
     raw, clean, data, ck, hf, tb = (out / d for d in ("raw", "clean", "data", "ckpt", "hf", "tensorboard"))
-    pre_iters = 20 if smoke else 200
-    sft_iters = 20 if smoke else 150
+    pre_iters = pretrain_iters(smoke)
+    sft_iters = 20 if smoke else 60
     ppo_iters = 3 if smoke else 20
     rm_epochs = 1 if smoke else 3
     max_zh = 60 if smoke else 300
+    samples = 2 if smoke else 8
+    heldout = out / "eval" / "heldout.json"
     corpus_prefix = data / "pretrain"
     corpus_doc = f"{corpus_prefix}_text_document"
     return [
@@ -186,7 +239,7 @@ def plan(out: Path, smoke: bool) -> list:
                                      "--tensorboard-dir", tb / "pretrain"),
                        "--train-iters", pre_iters, "--exit-interval", pre_iters // 2, "--save-interval", pre_iters // 2,
                        "--eval-interval", pre_iters // 2, "--log-interval", 2),
-              curve_metric(tb / "pretrain", "train/lm_loss"), str(ck / "pretrain"), nproc=2),
+              heldout_metric(heldout, "pretrain-half", tb / "pretrain"), str(ck / "pretrain"), nproc=2),
         Stage("pretrain-resume", "resume from the checkpoint (--load) and finish",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/pretrain_tiny.yaml",
                        "--tensor-model-parallel-size", "2",
@@ -195,7 +248,10 @@ def plan(out: Path, smoke: bool) -> list:
                                      "--tensorboard-dir", tb / "pretrain"),
                        "--train-iters", pre_iters, "--save-interval", pre_iters // 2,
                        "--eval-interval", pre_iters // 2, "--log-interval", 2),
-              curve_metric(tb / "pretrain", "train/lm_loss"), str(ck / "pretrain"), nproc=2),
+              heldout_metric(heldout, "pretrain", tb / "pretrain"), str(ck / "pretrain"), nproc=2),
+        Stage("pretrain-to-hf", "convert the pretrained checkpoint to Hugging Face (the base the evaluation compares with)",
+              [PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ck / "pretrain", "--out", hf / "pretrain"],
+              lambda: "", str(hf / "pretrain")),
         Stage("sft", "SFT in ChatML with masked loss, from the pretrained checkpoint (PP=2)",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/sft_tiny.yaml", "--task", "sft",
                        "--pipeline-model-parallel-size", "2",
@@ -203,7 +259,7 @@ def plan(out: Path, smoke: bool) -> list:
                                      ck / "pretrain", "--save", ck / "sft", "--load", ck / "sft",
                                      "--tensorboard-dir", tb / "sft"),
                        "--train-iters", sft_iters, "--log-interval", 2),
-              curve_metric(tb / "sft", "train/lm_loss"), str(ck / "sft"), nproc=2),
+              heldout_metric(heldout, "sft", tb / "sft"), str(ck / "sft"), nproc=2),
         Stage("sft-to-hf", "convert the SFT checkpoint to Hugging Face (qwen2 layout)",
               [PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ck / "sft", "--out", hf / "sft"],
               lambda: "", str(hf / "sft")),
@@ -213,7 +269,7 @@ def plan(out: Path, smoke: bool) -> list:
                                      "--test-data-path", raw / "pairs_test.jsonl", "--save", ck / "rm",
                                      "--export-dir", hf / "rm", "--tensorboard-dir", tb / "rm"),
                        "--epochs", rm_epochs, "--log-interval", 1),
-              curve_metric(tb / "rm", "test/accuracy", "train/accuracy"), str(hf / "rm"), nproc=2,
+              heldout_metric(heldout, "rm", tb / "rm"), str(hf / "rm"), nproc=2,
               prune=lambda: shutil.rmtree(ck / "rm", ignore_errors=True)),  # PPO reads the export
         Stage("ppo", "PPO with four DeepSpeed engines (actor, critic, reference, reward) + PPO-ptx",
               torchrun(2, "tools/train_ppo.py", "--config", "examples/ppo_tiny_cpu.yaml",
@@ -221,8 +277,15 @@ def plan(out: Path, smoke: bool) -> list:
                                      "--prompt-data-path", raw / "prompts.jsonl", "--ptx-data-path", corpus_doc,
                                      "--save", ck / "ppo", "--export-dir", hf / "ppo", "--tensorboard-dir", tb / "ppo"),
                        "--train-iters", ppo_iters),
-              curve_metric(tb / "ppo", "reward/raw"), str(hf / "ppo"), nproc=2,
+              heldout_metric(heldout, "ppo", tb / "ppo"), str(hf / "ppo"), nproc=2,
               prune=lambda: keep_latest(ck / "ppo")),
+        Stage("eval", f"held-out numbers of every stage's model ({samples} samples per arithmetic prompt, fixed seeds)",
+              [PY, "examples/demo_eval.py", "--raw", raw, "--out", heldout, "--samples", samples,
+               "--model", f"base={hf / 'pretrain'}:plain,assistant",
+               "--model", f"sft={hf / 'sft'}:plain,assistant,pairs,reward",
+               "--model", f"rm={hf / 'sft'}:pairs", "--reward-model", hf / "rm",
+               "--model", f"ppo={hf / 'ppo'}:plain,reward"],
+              lambda: "see the rows above", str(heldout)),
         Stage("final-to-mcore", "convert the PPO actor back to megatron-core (torch_dist)",
               [PY, "tools/convert_checkpoint.py", "hf-to-mcore", "--hf", hf / "ppo", "--out", ck / "final",
                "--tp", "1", "--pp", "1"],
@@ -263,27 +326,40 @@ def run_stage(stage: Stage, out: Path, log_dir: Path) -> float:
     return time.time() - start
 
 
-def plot(out: Path) -> Optional[Path]:
+def plot(out: Path, resume_step: Optional[int] = None) -> Optional[Path]:
+    """Training curves with the held-out ones beside them: pretraining and SFT loss (train and
+    validation; a line where pretraining resumed), reward-model accuracy (train and held-out
+    pairs), PPO reward per step with the held-out mean reward before and after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("pretrain", ("train/lm_loss",)), ("sft", ("train/lm_loss",)),
-              ("rm", ("train/loss",)), ("ppo", ("reward/raw",))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (name, candidates) in zip(axes, panels):
+    panels = [("pretrain", [("train/lm_loss", "train"), ("valid/lm_loss", "validation")]),
+              ("sft", [("train/lm_loss", "train"), ("valid/lm_loss", "validation")]),
+              ("rm", [("train/accuracy", "train"), ("test/accuracy", "held-out")]),
+              ("ppo", [("reward/raw", "train reward"), ("kl", "kl (k3)")])]
+    heldout = read_json(out / "eval" / "heldout.json")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
+    for ax, (name, series) in zip(axes, panels):
         tags = scalars(out / "tensorboard" / name) if (out / "tensorboard" / name).exists() else {}
-        tag = find_tag(tags, *candidates)
-        if tag:
-            steps, values = zip(*tags[tag])
-            ax.plot(steps, values)
-            ax.set_ylabel(tag)
+        for tag, label in series:
+            if tags.get(tag):
+                steps, values = zip(*tags[tag])
+                ax.plot(steps, values, marker="o" if len(steps) < 8 else None, label=label)
+        if name == "pretrain" and resume_step:
+            ax.axvline(resume_step, color="grey", linestyle="--", label="resumed")
+        if name == "ppo" and "reward" in heldout.get("sft", {}) and "reward" in heldout.get("ppo", {}):
+            ax.axhline(heldout["sft"]["reward"]["mean_reward"], color="grey", linestyle=":", label="held-out, SFT")
+            ax.axhline(heldout["ppo"]["reward"]["mean_reward"], color="green", linestyle=":", label="held-out, PPO")
         ax.set_title(name)
         ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -316,7 +392,10 @@ def main(argv=None) -> None:
             rows.append((stage.name, seconds, stage.metric(), stage.artefact))
         if stage.name == args.until:
             break
-    png = plot(out)
+    # a stage's row reads the held-out numbers of the eval stage that runs after it: read them now
+    by_name = {stage.name: stage for stage in plan(out, args.smoke)}
+    rows = [(name, seconds, by_name[name].metric(), artefact) for name, seconds, _, artefact in rows]
+    png = plot(out, resume_step=pretrain_iters(args.smoke) // 2)
     print(f"\n{'stage':16s} {'time':>7s}  key metric")
     for name, seconds, metric, _ in rows:
         print(f"{name:16s} {seconds:6.1f}s  {metric}")

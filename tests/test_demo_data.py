@@ -30,7 +30,42 @@ def test_demo_data_is_deterministic_and_plants_known_defects(tmp_path):
     texts = {r["id"]: r["text"] for r in raw}
     for b in _read(tmp_path / "a" / "benchmark.jsonl"):  # each benchmark passage quotes its source
         assert " ".join(texts[b["source_doc"]].split()).find(b["question"]) >= 0
-    for p in _read(tmp_path / "a" / "pairs_train.jsonl"):
-        assert p["chosen"] != p["rejected"] and sorted(p["chosen"].replace(" ", "")) == sorted(p["rejected"].replace(" ", ""))
     sft = _read(tmp_path / "a" / "sft.jsonl")
-    assert all([m["role"] for m in s["messages"]] == ["user", "assistant"] for s in sft)
+    roles = [[m["role"] for m in s["messages"]] for s in sft]
+    assert all(r == ["user", "assistant"] * (len(r) // 2) and r for r in roles)
+    assert any(len(r) > 2 for r in roles)  # the multi-turn sums
+
+
+def test_demo_heldout_sets_are_disjoint_from_what_is_trained(tmp_path):
+    """Every "after" number of the demo is measured on data no stage trains on."""
+    from megatron_qwen.rlhf.ppo.rule_reward import expected_answer, score_text
+
+    demo_data.build(tmp_path, seed=7, max_chinese=40)
+    raw_ids = {r["id"] for r in _read(tmp_path / "raw.jsonl")}
+    heldout = _read(tmp_path / "heldout_text.jsonl")
+    assert heldout and not raw_ids & {d["id"] for d in heldout}
+    train_text = " ".join(m["content"] for s in _read(tmp_path / "sft.jsonl") for m in s["messages"])
+    assert not any(" ".join(d["text"].split()[:30]) in train_text for d in heldout)
+
+    def sums(name, key):
+        rows = _read(tmp_path / name)
+        return {expected_answer(r[key][0]["content"]) is not None and r[key][0]["content"] for r in rows}
+
+    def digit_pairs(name, key):
+        import re
+
+        rows = [r for r in _read(tmp_path / name) if key != "messages" or len(r[key]) == 1
+                or r[key][1]["content"].isdigit()]  # SFT: only the arithmetic conversations
+        return {tuple(re.findall(r"\d+", r[key][0]["content"])[:2]) for r in rows}
+
+    sft_pairs = digit_pairs("sft.jsonl", "messages")
+    assert len(sft_pairs) == 50
+    unseen = digit_pairs("prompts_unseen.jsonl", "messages")
+    assert not sft_pairs & unseen and not digit_pairs("prompts.jsonl", "messages") & unseen
+    assert not sft_pairs & digit_pairs("prompts.jsonl", "messages")
+    assert digit_pairs("prompts_test.jsonl", "messages") == digit_pairs("prompts.jsonl", "messages")
+    assert not sums("prompts.jsonl", "messages") & sums("prompts_test.jsonl", "messages")  # new phrasing
+    assert not digit_pairs("pairs_test.jsonl", "prompt") & digit_pairs("pairs_train.jsonl", "prompt")
+    for p in _read(tmp_path / "pairs_test.jsonl") + _read(tmp_path / "pairs_train.jsonl"):
+        question = p["prompt"][0]["content"]
+        assert score_text(question, p["chosen"]) == 1.0 and score_text(question, p["rejected"]) == 0.0

@@ -129,3 +129,47 @@ def test_entropy_and_logprobs():
 def test_reward_clip():
     torch.testing.assert_close(ppo_math.clip_scores(torch.tensor([-9.0, 0.5, 9.0]), 5.0), torch.tensor([-5.0, 0.5, 5.0]))
     torch.testing.assert_close(ppo_math.clip_scores(torch.tensor([-9.0]), None), torch.tensor([-9.0]))
+
+
+def test_kl_k3_is_non_negative_and_its_mean_is_the_exact_kl():
+    """k3 = exp(ref - logp) - 1 - (ref - logp): >= 0 per token, and its expectation under the
+    actor, enumerated exactly over a categorical, is KL(actor || reference); k1 = logp - ref has
+    the same expectation but negative values on the tokens the reference prefers."""
+    torch.manual_seed(0)
+    logp = torch.log_softmax(torch.randn(5, 7), -1)
+    ref = torch.log_softmax(torch.randn(5, 7), -1)
+    k3 = ppo_math.kl_k3(logp, ref)
+    assert (k3 >= 0).all()
+    exact = (logp.exp() * (logp - ref)).sum(-1)
+    torch.testing.assert_close((logp.exp() * k3).sum(-1), exact)
+    torch.testing.assert_close((logp.exp() * (logp - ref)).sum(-1), exact)
+    assert ((logp - ref) < 0).any()
+    assert ppo_math.kl_k3(logp, logp).abs().max() == 0
+
+
+def test_arithmetic_reward_reads_the_question_and_the_first_integer():
+    from megatron_qwen.rlhf.ppo.rule_reward import ArithmeticReward, expected_answer, score_text
+    from megatron_qwen.tokenizer import load_tokenizer, render_chatml_prompt
+
+    assert expected_answer("What is 3+4?") == 7 and expected_answer("Compute 12 - 5.") == 7
+    assert expected_answer("6*7=?") == 42 and expected_answer("no question") is None
+    assert score_text("What is 3+4?", "7") == 1.0 and score_text("What is 3+4?", " 7 apples") == 1.0
+    assert score_text("What is 3+4?", "8, not 7") == 0.0 and score_text("What is 3+4?", "seven") == 0.0
+    assert score_text("hello", "7") == 0.0
+    tok = load_tokenizer(None)
+    prompt = render_chatml_prompt([{"role": "user", "content": "What is 9+8?"}], tok)
+    rows = [tok.encode("17") + [tok.im_end_id, tok.eod_id], tok.encode("71") + [tok.im_end_id, tok.eod_id]]
+    seqs = torch.tensor([prompt + r for r in rows])
+    attn = torch.ones_like(seqs)
+    attn[:, -1] = 0  # padding after the stop token is not read
+    scores = ArithmeticReward(tok)(seqs, attn, len(prompt))
+    assert scores.tolist() == [1.0, 0.0]
+
+
+def test_unknown_reward_is_a_config_error_naming_the_field():
+    from megatron_qwen.config import ConfigError
+    from megatron_qwen.rlhf.ppo.config import PPOConfig
+
+    PPOConfig(reward="arithmetic").validate()
+    with pytest.raises(ConfigError, match="ppo.reward='maths'"):
+        PPOConfig(reward="maths").validate()

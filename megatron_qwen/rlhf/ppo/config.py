@@ -71,6 +71,9 @@ class RolloutConfig:
             raise ConfigError(f"rollout.unfinished_rule={self.unfinished_rule!r}: choose penalty or truncate")
 
 
+REWARDS = ("model", "arithmetic")
+
+
 @dataclasses.dataclass
 class PPOConfig:
     """The PPO objective and its schedule."""
@@ -88,8 +91,13 @@ class PPOConfig:
     normalize_reward: bool = True  # running mean across steps
     normalize_reward_std: bool = True  # also divide by the running std
     reward_clip: Optional[float] = None  # clip normalised scores to [-c, c]
+    # model: the reward model's score (models.reward_path); arithmetic: 1 if the response answers
+    # the prompt's "A op B" right, else 0 (megatron_qwen/rlhf/ppo/rule_reward.py)
+    reward: str = "model"
 
     def validate(self) -> None:
+        if self.reward not in REWARDS:
+            raise ConfigError(f"ppo.reward={self.reward!r}: choose {' or '.join(REWARDS)}")
         for name in ("kl_coef", "clip_ratio", "value_clip", "entropy_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name}={getattr(self, name)} must be >= 0")

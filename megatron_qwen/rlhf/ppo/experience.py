@@ -58,9 +58,11 @@ def response_values(model, sequences: torch.Tensor, attention_mask: torch.Tensor
 
 @torch.no_grad()
 def make_experience(rollout: Rollout, engines, normaliser: ppo_math.RunningMeanStd,
-                    ppo: PPOConfig, rollout_cfg: RolloutConfig, micro_batch: int) -> tuple[Experience, dict]:
+                    ppo: PPOConfig, rollout_cfg: RolloutConfig, micro_batch: int,
+                    rule_reward=None) -> tuple[Experience, dict]:
     """Score ``rollout`` with actor, reference, critic and reward; return the experience and the
-    metrics of this stage. ``micro_batch`` bounds the rows per forward pass."""
+    metrics of this stage. ``micro_batch`` bounds the rows per forward pass. ``rule_reward``
+    (``(sequences, attention_mask, prompt_length) -> scores``) replaces the reward engine."""
     seqs, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
     mask = rollout.response_mask.to(seqs.device)
     responses = seqs[:, P:]
@@ -74,8 +76,10 @@ def make_experience(rollout: Rollout, engines, normaliser: ppo_math.RunningMeanS
         ref_logp.append(ppo_math.token_logprobs(
             response_logits(engines.ref.module, seqs[sl], attn[sl], P), responses[sl]))
         values.append(response_values(engines.critic.module, seqs[sl], attn[sl], P).float())
-        # the reward is read at the last real token: <|im_end|> for a finished response
-        scores_raw.append(engines.reward.module.reward(seqs[sl], attn[sl]).float())
+        if rule_reward is not None:
+            scores_raw.append(rule_reward(seqs[sl], attn[sl], P).float())
+        else:  # the reward is read at the last real token: <|im_end|> for a finished response
+            scores_raw.append(engines.reward.module.reward(seqs[sl], attn[sl]).float())
     for model in (engines.actor.module, engines.critic.module):
         model.train()
     logp, ref_logp = torch.cat(logp) * mask, torch.cat(ref_logp) * mask
@@ -107,8 +111,11 @@ def make_experience(rollout: Rollout, engines, normaliser: ppo_math.RunningMeanS
         "reward/normalized": ppo_math.masked_mean(scores, seq_ones, global_=True).item(),
         "reward/running_mean": normaliser.mean,
         "reward/running_std": normaliser.std,
-        # KL of a sequence: sum over its tokens (what the penalty charges), averaged over sequences
-        "kl": ppo_math.masked_mean(kl.sum(1), seq_ones, global_=True).item(),
+        # KL(actor || reference) of a sequence: the sum over its tokens of the k3 estimator
+        # (non-negative per token, docs/ppo.md), averaged over sequences; kl/k1 is the sum of
+        # logp - logp_ref that the penalty charges (unbiased, but negative on many samples)
+        "kl": ppo_math.masked_mean((ppo_math.kl_k3(logp, ref_logp) * mask).sum(1), seq_ones, global_=True).item(),
+        "kl/k1": ppo_math.masked_mean(kl.sum(1), seq_ones, global_=True).item(),
         "response/length": ppo_math.masked_mean(lengths, seq_ones, global_=True).item(),
         "response/truncated_share": ppo_math.masked_mean((~finished).float(), seq_ones, global_=True).item(),
         "values/mean": ppo_math.masked_mean(values, mask, global_=True).item(),

@@ -92,6 +92,16 @@ def kl_shaped_rewards(
     return rewards, kl
 
 
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(actor || reference) from tokens sampled by the actor: with
+    ``log_r = logp_ref - logp``, ``k3 = exp(log_r) - 1 - log_r`` (Schulman, "Approximating KL
+    divergence", 2020). It is >= 0 for every token (``e^x >= 1 + x``) and unbiased, like the plain
+    ``logp - logp_ref`` (k1), whose per-sample values are negative whenever the reference likes the
+    sampled token more than the actor does."""
+    log_r = (ref_logprobs - logprobs).float()
+    return torch.expm1(log_r) - log_r
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,

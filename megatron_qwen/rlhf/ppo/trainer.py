@@ -28,6 +28,7 @@ from megatron_qwen.rlhf.ppo.metrics import MetricsLogger
 from megatron_qwen.rlhf.ppo.prompts import PromptSampler, load_prompts
 from megatron_qwen.rlhf.ppo.ptx import PtxBatches
 from megatron_qwen.rlhf.ppo.generator import GenerationRequest, InProcessGenerator, RolloutGenerator
+from megatron_qwen.rlhf.ppo.rule_reward import ArithmeticReward
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 
 
@@ -57,7 +58,8 @@ class PPOTrainer:
             gather_params=cfg.rollout.generation_gather_params)
         vocab = self.engines.actor.module.config.vocab_size
         r = cfg.rollout
-        if tokenizer is None and (r.stop_token_id is None or r.pad_token_id is None):
+        arithmetic = cfg.ppo.reward == "arithmetic"
+        if tokenizer is None and (r.stop_token_id is None or r.pad_token_id is None or arithmetic):
             from megatron_qwen.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(cfg.models.tokenizer_path)
@@ -74,7 +76,8 @@ class PPOTrainer:
         if cfg.ptx.ptx_data_path and cfg.ptx.ptx_coef > 0:
             self.ptx = PtxBatches(cfg.ptx.ptx_data_path, cfg.ptx.ptx_seq_length, cfg.ptx.ptx_batch_size,
                                   cfg.train.seed, self.pad_id, vocab_size=vocab)
-        stats = self.engines.reward_stats
+        self.rule_reward = ArithmeticReward(tokenizer) if arithmetic else None
+        stats = None if arithmetic else self.engines.reward_stats
         # start from the reward model's own statistics when its export has them
         self.normaliser = ppo_math.RunningMeanStd(
             mean=stats["mean"], var=float(stats["std"]) ** 2, count=float(stats.get("count", 1))
@@ -199,7 +202,7 @@ class PPOTrainer:
         t1 = time.perf_counter()
         micro = max(1, self.cfg.ppo.mini_batch_size // self.world)
         exp, metrics = make_experience(rollout, self.engines, self.normaliser, self.cfg.ppo,
-                                       self.cfg.rollout, micro)
+                                       self.cfg.rollout, micro, rule_reward=self.rule_reward)
         t2 = time.perf_counter()
         metrics.update(self.train_on(exp))
         t3 = time.perf_counter()
