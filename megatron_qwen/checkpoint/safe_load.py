@@ -34,9 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-    CachedMetadataFileSystemReader,
-)
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -75,8 +73,14 @@ class _MetadataUnpickler(pickle.Unpickler):
                               "metadata holds only torch's checkpoint records)")
 
 
-class SafeFileSystemReader(CachedMetadataFileSystemReader):
-    """torch's reader with the metadata and the byte items read as described above."""
+class SafeFileSystemReader(FileSystemReader):
+    """torch's reader with the metadata and the byte items read as described above. The
+    metadata is read once per reader (megatron-core's cached reader changed its cache between
+    versions: 0.16 per reader, 0.19 per process and path; a per-reader one is what 0.16 did)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self._cached_metadata = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._cached_metadata is None:
