@@ -40,7 +40,7 @@ venv: $(STAMP)
 
 $(LATEST_STAMP): $(STAMP)
 	rm -rf $(LATEST_VENV)
-	$(PY) -c 'import sys; print(sys._base_executable)' | xargs -I{} {} -m venv --without-pip $(LATEST_VENV)
+	"$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv --without-pip $(LATEST_VENV)
 	$(PY) -c 'import sysconfig; print("import site; site.addsitedir(%r)" % sysconfig.get_paths()["purelib"])' \
 		> "$$($(LATEST_PY) $(SITE_PACKAGES))/zz_megatron_qwen_main_venv.pth"
 	$(PY) -m pip install -q --no-deps --ignore-requires-python --target "$$($(LATEST_PY) $(SITE_PACKAGES))" \
@@ -49,7 +49,7 @@ $(LATEST_STAMP): $(STAMP)
 	touch $@
 
 test-mcore-latest: $(LATEST_STAMP)
-	DS_ACCELERATOR=cpu MEGATRON_QWEN_OTHER_PYTHON=$(CURDIR)/$(PY) $(LATEST_PY) -m pytest $(LATEST_TESTS) \
+	DS_ACCELERATOR=cpu MEGATRON_QWEN_OTHER_PYTHON=$(abspath $(PY)) $(LATEST_PY) -m pytest $(LATEST_TESTS) \
 		-q -rs -p no:cacheprovider --durations=10
 
 test: $(STAMP)
