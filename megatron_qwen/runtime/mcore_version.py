@@ -102,6 +102,9 @@ def install_import_shims() -> None:
 # ``checkpoint.safe_load.load_common`` reads both on every version.
 COMMON_FILE = "common.pt"
 COMMON_STATE_KEY = "common_state/shard_0_1"
+# Keys megatron-core adds to a torch_dist checkpoint beyond the state dict saved: 0.19's
+# ``common_state`` (its own loader leaves it out of the metadata it compares); none before 0.19.
+FORMAT_KEYS = frozenset({COMMON_STATE_KEY.split("/")[0]})
 
 
 def route_checkpoint_reads(reader_factory, load_common) -> None:
