@@ -143,8 +143,12 @@ _installed = False
 
 def _safe_reader(checkpoint_dir, *args, **kwargs) -> SafeFileSystemReader:
     """megatron-core's reader factory, whatever options its version passes (metadata caching,
-    0.17+'s async strategy): the metadata is read once per reader here anyway."""
-    return SafeFileSystemReader(checkpoint_dir)
+    0.17+'s async strategy). The metadata is read here, once per reader: a refused or broken one
+    raises its one-line error now, not wrapped in the AssertionError torch's ``dcp.load`` makes
+    of a failed metadata read (the path 0.19 takes)."""
+    reader = SafeFileSystemReader(checkpoint_dir)
+    reader.read_metadata()
+    return reader
 
 
 def install() -> None:
@@ -189,7 +193,7 @@ def load_common(ckpt_dir: os.PathLike) -> dict:
         state = {mcore_version.COMMON_STATE_KEY: io.BytesIO()}
         try:
             with _reading(ckpt_dir):
-                dcp.load(state, storage_reader=SafeFileSystemReader(ckpt_dir), no_dist=True)
+                dcp.load(state, storage_reader=_safe_reader(ckpt_dir), no_dist=True)
         except CheckpointError as exc:
             if "Missing key" not in str(exc):
                 raise
