@@ -107,6 +107,13 @@ COMMON_STATE_KEY = "common_state/shard_0_1"
 FORMAT_KEYS = frozenset({COMMON_STATE_KEY.split("/")[0]})
 
 
+def save_forks_writers() -> bool:
+    """Whether a torch_dist save forks one writer process per bucket (0.16,
+    ``filesystem_async.py``); 0.17+ write with threads of the saving process, so the spawn
+    Manager of the results queue is the only helper process (``checkpoint.save_processes``)."""
+    return not at_least("0.17")
+
+
 def route_checkpoint_reads(reader_factory, load_common) -> None:
     """Point every read megatron-core makes of a torch_dist checkpoint at ``reader_factory`` (for
     the shards and their metadata) and ``load_common`` (for ``common.pt``).
