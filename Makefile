@@ -1,6 +1,7 @@
 # `make demo`: the whole Qwen pipeline on a tiny model and a small real corpus, on CPU.
 # `make test`: the test suite. Both create the virtualenv they need on a fresh machine.
-# `make test-mcore-latest`: the parallel-layout, conversion, resume and SFT tests on the newest
+# `make test-mcore-latest`: the runtime, checkpoint-safety, parallel-layout, conversion, resume, SFT
+# and cross-version checkpoint tests on the newest
 # megatron-core setup.py allows, in a second virtualenv layered over the first (below).
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -25,8 +26,9 @@ MCORE_LATEST ?= 0.19.2
 LATEST_VENV ?= .venv-mcore-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 LATEST_STAMP := $(LATEST_VENV)/.installed-$(MCORE_LATEST)-$(shell echo $(CURDIR)/$(STAMP) | sha1sum | cut -c1-12)
-LATEST_TESTS ?= tests/test_mcore_versions.py tests/test_model_parallel.py tests/test_train_parallel.py \
-	tests/test_convert.py tests/test_train_resume.py tests/test_sft_train.py
+LATEST_TESTS ?= tests/test_mcore_versions.py tests/test_runtime.py tests/test_checkpoint_safety.py \
+	tests/test_model_parallel.py tests/test_train_parallel.py tests/test_convert.py \
+	tests/test_train_resume.py tests/test_sft_train.py
 SITE_PACKAGES = -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 
 $(STAMP): setup.py requirements-cpu.txt
