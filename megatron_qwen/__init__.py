@@ -20,4 +20,9 @@ _warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we a
 _warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                          category=FutureWarning)
 
+# Before anything imports megatron-core: what a supported version needs to import at all.
+from megatron_qwen.runtime import mcore_version as _mcore_version  # noqa: E402
+
+_mcore_version.install_import_shims()
+
 __version__ = "0.1.0"

@@ -40,9 +40,15 @@ def plant_metadata(ckpt: Path, marker: Path) -> Path:
 
 
 def plant_common(ckpt: Path, marker: Path) -> Path:
-    """A payload inside ``common.pt``."""
+    """A payload inside ``common.pt``. megatron-core 0.19 keeps the common state inside the
+    checkpoint instead; a ``common.pt`` planted beside it is still read first (by 0.19 and here)."""
     path = iter_dir(ckpt) / "common.pt"
-    common = torch.load(path, weights_only=True)
+    if path.is_file():
+        common = torch.load(path, weights_only=True)
+    else:
+        from megatron_qwen.checkpoint.safe_load import load_common
+
+        common = load_common(iter_dir(ckpt))
     common["x"] = Payload(marker)
     torch.save(common, path)
     return path

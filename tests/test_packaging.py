@@ -37,3 +37,13 @@ def test_transformer_engine_range_is_inside_megatron_cores():
         assert theirs[0].specifier.contains(v, prereleases=True), (
             f"transformer-engine {v} is allowed by our gpu extra ({ours.specifier}) but not by "
             f"megatron-core ({theirs[0].specifier})")
+
+
+def test_megatron_core_range_is_the_one_the_version_shims_cover():
+    """setup.py's megatron-core range is runtime.mcore_version.SUPPORTED, and the installed
+    megatron-core is inside it (read from setup.py: the installed metadata lags an edit)."""
+    from megatron_qwen.runtime import mcore_version
+    from tests.dist import REPO
+
+    assert f'"megatron-core{mcore_version.SUPPORTED}"' in (REPO / "setup.py").read_text()
+    assert mcore_version.is_supported(), mcore_version.version()

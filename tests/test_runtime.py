@@ -97,7 +97,7 @@ def test_init_distributed_single_process_and_destroy():
 
 
 def test_megatron_core_fixes_work_without_the_cpu_redirect(tmp_path):
-    """Stock megatron-core 0.16.1 (only cpu_compat installed) cannot resume its distributed
+    """Stock megatron-core 0.16.1-0.19.x (only cpu_compat installed) cannot resume its distributed
     optimizer on torch AdamW; runtime.mcore_fixes alone makes a save/load round trip exact."""
     proc = subprocess.run([sys.executable, str(REPO / "tests/scripts/mcore_fixes_check.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -141,5 +141,5 @@ def test_fixes_are_only_for_the_megatron_core_versions_read():
 
     from megatron_qwen.runtime import mcore_fixes
 
-    assert mcore_fixes.is_affected(Version("0.16.1"))
-    assert not mcore_fixes.is_affected(Version("0.17.0")) and not mcore_fixes.is_affected(Version("0.15.3"))
+    assert mcore_fixes.is_affected(Version("0.16.1")) and mcore_fixes.is_affected(Version("0.19.2"))
+    assert not mcore_fixes.is_affected(Version("0.20.0")) and not mcore_fixes.is_affected(Version("0.15.3"))

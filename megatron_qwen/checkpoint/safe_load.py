@@ -31,19 +31,17 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingException
-from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-    CachedMetadataFileSystemReader,
-)
-from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from megatron_qwen.checkpoint.mapping import CheckpointError
 from megatron_qwen.checkpoint.paths import inside
 from megatron_qwen.checkpoint.weights_only import one_line, torch_load
+from megatron_qwen.runtime import mcore_version
 
 _DCP = "torch.distributed.checkpoint"
 # Everything torch (2.13) and megatron-core (0.16.1) pickle into a torch_dist ``.metadata``, as
@@ -75,8 +73,14 @@ class _MetadataUnpickler(pickle.Unpickler):
                               "metadata holds only torch's checkpoint records)")
 
 
-class SafeFileSystemReader(CachedMetadataFileSystemReader):
-    """torch's reader with the metadata and the byte items read as described above."""
+class SafeFileSystemReader(FileSystemReader):
+    """torch's reader with the metadata and the byte items read as described above. The
+    metadata is read once per reader (megatron-core's cached reader changed its cache between
+    versions: 0.16 per reader, 0.19 per process and path; a per-reader one is what 0.16 did)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self._cached_metadata = None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._cached_metadata is None:
@@ -137,16 +141,23 @@ class _CheckedBytes:
 _installed = False
 
 
+def _safe_reader(checkpoint_dir, *args, **kwargs) -> SafeFileSystemReader:
+    """megatron-core's reader factory, whatever options its version passes (metadata caching,
+    0.17+'s async strategy). The metadata is read here, once per reader: a refused or broken one
+    raises its one-line error now, not wrapped in the AssertionError torch's ``dcp.load`` makes
+    of a failed metadata read (the path 0.19 takes)."""
+    reader = SafeFileSystemReader(checkpoint_dir)
+    reader.read_metadata()
+    return reader
+
+
 def install() -> None:
-    """Make megatron-core's torch_dist strategy read through :class:`SafeFileSystemReader`."""
+    """Make every megatron-core read of a torch_dist checkpoint go through
+    :class:`SafeFileSystemReader` and :func:`load_common`."""
     global _installed
     if _installed:
         return
-    if not hasattr(mcore_torch, "_get_filesystem_reader"):  # megatron-core moved on: fail loudly
-        raise RuntimeError("megatron-core has no strategies.torch._get_filesystem_reader; "
-                           "update megatron_qwen/checkpoint/safe_load.py")
-    mcore_torch._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: \
-        SafeFileSystemReader(checkpoint_dir)
+    mcore_version.route_checkpoint_reads(_safe_reader, load_common)
     _installed = True
 
 
@@ -170,17 +181,31 @@ def _reading(ckpt_dir: os.PathLike) -> Iterator[None]:
 
 
 def load_common(ckpt_dir: os.PathLike) -> dict:
-    """``common.pt`` of a torch_dist checkpoint (tensors and plain data only)."""
-    path = Path(ckpt_dir) / "common.pt"
-    common = torch_load(path, path)
+    """The common (non-tensor) state of a torch_dist checkpoint, tensors and plain data only:
+    ``common.pt`` (megatron-core 0.16-0.18) or the ``common_state`` object inside the checkpoint
+    (0.19), whichever megatron-core version is installed."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / mcore_version.COMMON_FILE
+    if path.is_file() or not (ckpt_dir / ".metadata").is_file():
+        common = torch_load(path, path)
+    else:
+        path = ckpt_dir / ".metadata"
+        state = {mcore_version.COMMON_STATE_KEY: io.BytesIO()}
+        try:
+            with _reading(ckpt_dir):
+                dcp.load(state, storage_reader=_safe_reader(ckpt_dir), no_dist=True)
+        except CheckpointError as exc:
+            if "Missing key" not in str(exc):
+                raise
+            raise CheckpointError(f"{ckpt_dir / mcore_version.COMMON_FILE}: missing (and no common "
+                                  "state inside the checkpoint)") from None
+        common = state[mcore_version.COMMON_STATE_KEY]
+        if isinstance(common, io.BytesIO):
+            common = torch_load(common, path)
+        common = common[0] if isinstance(common, list) and len(common) == 1 else common
     if not isinstance(common, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(common).__name__}")
     return common
-
-
-class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
-    def load_common(self, checkpoint_dir):
-        return load_common(checkpoint_dir)
 
 
 def load_tensors_metadata(ckpt_dir: os.PathLike) -> dict:
@@ -192,4 +217,4 @@ def load_tensors_metadata(ckpt_dir: os.PathLike) -> dict:
 def load(sharded_state_dict: dict, ckpt_dir: os.PathLike, **kwargs) -> dict:
     with _reading(ckpt_dir):
         return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir),
-                                       common_strategy=_SafeCommonLoadStrategy(), **kwargs)
+                                       **mcore_version.load_arguments(load_common), **kwargs)

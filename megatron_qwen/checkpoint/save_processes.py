@@ -2,7 +2,8 @@
 
 megatron-core 0.16.1's torch_dist writer (``strategies/filesystem_async.py``) starts a ``spawn``
 multiprocessing Manager on the first save, kept for the life of the process, and forks one writer
-process per bucket during each save. A trainer killed with SIGKILL (OOM killer, ``scancel -s 9``,
+process per bucket during each save (0.17+ keep the Manager but write with threads:
+``runtime.mcore_version.save_forks_writers``). A trainer killed with SIGKILL (OOM killer, ``scancel -s 9``,
 a node agent) leaves them running, adopted by init: each holds a few hundred MB. Here every one
 of them asks Linux to SIGKILL it when its parent dies (``prctl(PR_SET_PDEATHSIG)``): the Manager
 through its initializer, the forked writers through an ``os.register_at_fork`` hook. Elsewhere

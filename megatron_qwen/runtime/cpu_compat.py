@@ -1,4 +1,7 @@
-"""Let megatron-core 0.16.1 run on a CPU-only torch with gloo: the one place that does it.
+"""Let megatron-core run on a CPU-only torch with gloo: the one place that does it.
+
+Written against 0.16.1; the same redirect runs 0.19.2 (`make test-mcore-latest`). What else
+differs between megatron-core versions is in ``runtime.mcore_version``.
 
 megatron-core hard-codes CUDA in a few dozen calls (factories with ``device='cuda'``,
 ``torch.cuda.current_device()``, the CUDA RNG tracker, streams and events, ``Tensor.type()``

@@ -6,7 +6,9 @@ mishandle that optimizer's per-parameter ``step`` state, so a run with
 ``--use-distributed-optimizer`` could neither resume nor keep an exact step count. The bugs are
 megatron-core's, not the CPU's, so ``apply()`` patches them on every device: ``init_distributed``,
 ``world_of_one`` and ``training.optimizer.build_optimizer`` call it. It is idempotent, patches only
-the megatron-core versions in ``AFFECTED`` (the ones read and tested here), and every wrapper passes
+the megatron-core versions in ``AFFECTED`` (the ones read and tested here: the three bugs are the
+same code in 0.16.1, 0.17.0, 0.18.0 and 0.19.2; the tests run on 0.16.1 and 0.19.2), and every
+wrapper passes
 through untouched for any other inner optimizer (TE / Apex FusedAdam keep ``step`` in their
 param groups, not per parameter).
 """
@@ -14,24 +16,21 @@ param groups, not per parameter).
 from __future__ import annotations
 
 import functools
-from importlib import metadata
 
 import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-# Read and tested against 0.16.1 (the version setup.py allows); check again before widening.
-AFFECTED = SpecifierSet(">=0.16,<0.17")
+from megatron_qwen.runtime import mcore_version
+
+# Read in 0.16.1-0.19.2 (the versions setup.py allows); check again before widening.
+AFFECTED = SpecifierSet(">=0.16,<0.20")
 _MARK = "__megatron_qwen_fix__"
 _applied = False
 
 
-def megatron_core_version() -> Version:
-    return Version(metadata.version("megatron-core"))
-
-
 def is_affected(version: Version | None = None) -> bool:
-    return (version or megatron_core_version()) in AFFECTED
+    return (version or mcore_version.version()) in AFFECTED
 
 
 def is_applied() -> bool:
@@ -43,7 +42,7 @@ def _is_torch_adam(optimizer) -> bool:
 
 
 def _zero_state_for_fresh_adam(state_dict):
-    """``DistributedOptimizer.state_dict`` (distrib_optimizer.py, 0.16.1 l.642) asserts that all
+    """``DistributedOptimizer.state_dict`` (distrib_optimizer.py, 0.16.1 l.642, 0.19.2 l.839) asserts that all
     AdamW states share one ``step``; before the first step there is no state, so the assert fails
     and ``sharded_state_dict(is_loading=True)`` (every resume) raises. Give an untouched AdamW the
     zero state torch itself creates at its first step (step 0, zero moments): nothing changes
@@ -64,9 +63,9 @@ def _zero_state_for_fresh_adam(state_dict):
 
 
 def _own_step_tensor_per_parameter(load_state_dict):
-    """``DistributedOptimizer.load_state_dict`` (0.16.1 l.825) gives every parameter's AdamW state
-    one shared ``step`` tensor; AdamW increments it in place once per parameter, so after the
-    first resumed step the bias correction is wrong. Give each parameter its own tensor holding
+    """``DistributedOptimizer.load_state_dict`` (0.16.1 l.825, 0.19.2 l.1032) gives every
+    parameter's AdamW state one shared ``step`` tensor; AdamW increments it in place once per
+    parameter, so after the first resumed step the bias correction is wrong. Give each parameter its own tensor holding
     the step the checkpoint's param groups record."""
 
     @functools.wraps(load_state_dict)
@@ -84,11 +83,11 @@ def _own_step_tensor_per_parameter(load_state_dict):
 
 
 def _skip_step_in_parameter_copy(set_states):
-    """``DistributedOptimizer._set_main_param_and_optimizer_states`` (0.16.1 l.940) copies every
-    key of the AdamW state from the loaded tensors, but
-    ``load_parameter_state_from_fully_reshardable`` leaves out ``step``, which
-    ``load_state_dict`` already set from the param groups: KeyError 'step' on every resume. Copy
-    the other keys; ``step`` stays as loaded."""
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` (0.16.1 l.940, 0.19.2 l.1225)
+    copies every key of the AdamW state from the loaded tensors, but
+    ``load_parameter_state_from_fully_reshardable`` leaves out ``step``, which ``load_state_dict``
+    already set from the param groups: KeyError 'step' on every resume. Copy the other keys;
+    ``step`` stays as loaded."""
 
     @functools.wraps(set_states)
     def wrapped(self, model_param, tensors):
