@@ -10,8 +10,8 @@ or deleted, true Jaccard ~0.9 on word 5-grams; Chinese: 1% of the characters edi
 a random position. Written as ``--files`` JSONL shards that every system reads.
 
 Per size and system: wall time, docs/s, CPU seconds (the process and every child it reaped),
-docs per CPU-second, the peak RSS of the driver and of its largest worker (``getrusage``:
-exact peaks, not samples), and precision/recall over pairs (every pair inside a predicted
+docs per CPU-second, the peak RSS of the driver (its own ``VmHWM``) and of its largest worker
+(``getrusage``: exact peaks, not samples), and precision/recall over pairs (every pair inside a predicted
 cluster vs the planted pairs). Systems, each in a fresh process:
 
 * ``partitioned``: ``tools/dedup.py --method minhash --partitions P --workers W`` (P from
@@ -95,10 +95,22 @@ def pair_scores(clusters, planted) -> tuple[float, float]:
 # --------------------------------------------------------------------------- one system, own process
 
 
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS since its exec (VmHWM of its own address space). Not getrusage's
+    ru_maxrss: Linux carries that across fork + exec, so a child started by a bench parent that
+    held a 2M-document corpus would report the parent's size as its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
+
+
 def _usage() -> dict:
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # workers are forked by this (small) process, so their ru_maxrss is their own peak (with the
+    # pages they share with it, as RSS counts them)
     return {"cpu": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
-            "driver_rss_mb": me.ru_maxrss / 1024, "worker_rss_mb": kids.ru_maxrss / 1024}
+            "driver_rss_mb": _own_peak_rss_mb(), "worker_rss_mb": kids.ru_maxrss / 1024}
 
 
 def child(args) -> None:
