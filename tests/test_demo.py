@@ -90,10 +90,10 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     # only what a later stage reads is kept: the last pretraining iteration, the last PPO step
     assert len(list((out / "ckpt/pretrain").glob("iter_*"))) == 1
     assert len(list((out / "ckpt/ppo").glob("step_*"))) == 1
-    # the training length (SFT's 256) survived SFT -> HF -> PPO -> mcore: the table is at 1x/4x/8x
+    # the training length (SFT's 128) survived SFT -> HF -> PPO -> mcore: the table is at 1x/4x/8x
     table = json.loads((out / "long_context.json").read_text())
-    assert table["train_length"] == 256 and table["lengths"] == [256, 1024, 2048]
-    assert len(table["perplexity"]) == 4 and metric["long-context"].startswith("ppl at 2048 (8x 256)")
+    assert table["train_length"] == 128 and table["lengths"] == [128, 512, 1024]
+    assert len(table["perplexity"]) == 4 and metric["long-context"].startswith("ppl at 1024 (8x 128)")
     # the same seeds give the same held-out numbers: the evaluation re-run reproduces them
     (out / ".done" / "eval").unlink()
     redo = subprocess.run([sys.executable, "examples/demo.py", "--out", str(out), "--smoke", "--until", "eval"],
