@@ -177,6 +177,8 @@ def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], st
                              f"(+-{max(before.get('stderr', 0), after.get('stderr', 0)):.3f} s.e.; "
                              f"{after['prompts']} prompts x {after['samples_per_prompt']} samples; solved "
                              f"{before['solved_share']:.0%} -> {after['solved_share']:.0%})")
+                if before["mean_reward"] < 0.05:  # a digit right by chance: no signal to learn from
+                    parts.append("the SFT model does not answer in the format yet: no gain expected")
             kl = first_last(logdir, "approx_kl")
             if kl:
                 parts.append(f"last approx_kl {kl[3]:.2g}")
