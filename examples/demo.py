@@ -152,13 +152,14 @@ def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], st
         base, sft, rm, ppo = (ev.get(k, {}) for k in ("base", "sft", "rm", "ppo"))
         parts = []
         if stage in ("pretrain", "pretrain-half"):
+            # one held-out number: the validation split's perplexity (the 2% of the corpus never
+            # trained on), at the stop and after the resume; the SFT row's base is another set
             v = first_last(logdir, "valid/lm_loss")
             if v and (v[0] == v[2] or stage == "pretrain-half"):
-                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]})")
+                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]}, validation split)")
             elif v:
-                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]}) -> {math.exp(v[3]):,.0f} (it. {v[2]})")
-            if "plain_ppl" in base and stage == "pretrain":
-                parts.append(f"held-out documents ppl {base['plain_ppl']:,.0f}")
+                parts.append(f"held-out ppl {math.exp(v[1]):,.0f} (it. {v[0]}) -> {math.exp(v[3]):,.0f} "
+                             f"(it. {v[2]}, validation split)")
         elif stage == "sft":
             if "assistant_loss" in sft:
                 parts.append(f"held-out assistant loss {base['assistant_loss']:.3f} -> {sft['assistant_loss']:.3f}")
@@ -171,9 +172,13 @@ def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], st
                              f"{rm['pair_accuracy']:.3f} (reward model)")
         elif stage == "ppo":
             if "reward" in ppo:
-                parts.append(f"held-out mean reward {sft['reward']['mean_reward']:.3f} -> "
-                             f"{ppo['reward']['mean_reward']:.3f} ({ppo['reward']['prompts']} prompts x "
-                             f"{ppo['reward']['samples_per_prompt']} samples)")
+                before, after = sft["reward"], ppo["reward"]
+                parts.append(f"held-out mean reward {before['mean_reward']:.3f} -> {after['mean_reward']:.3f} "
+                             f"(+-{max(before.get('stderr', 0), after.get('stderr', 0)):.3f} s.e.; "
+                             f"{after['prompts']} prompts x {after['samples_per_prompt']} samples; solved "
+                             f"{before['solved_share']:.0%} -> {after['solved_share']:.0%})")
+                if before["mean_reward"] < 0.05:  # a digit right by chance: no signal to learn from
+                    parts.append("the SFT model does not answer in the format yet: no gain expected")
             kl = first_last(logdir, "approx_kl")
             if kl:
                 parts.append(f"last approx_kl {kl[3]:.2g}")
@@ -191,7 +196,7 @@ def plan(out: Path, smoke: bool) -> list:
     raw, clean, data, ck, hf, tb = (out / d for d in ("raw", "clean", "data", "ckpt", "hf", "tensorboard"))
     pre_iters = pretrain_iters(smoke)
     sft_iters = 20 if smoke else 60
-    ppo_iters = 3 if smoke else 20
+    ppo_iters = 3 if smoke else 12
     rm_epochs = 1 if smoke else 3
     max_zh = 60 if smoke else 300
     samples = 2 if smoke else 8
@@ -252,9 +257,8 @@ def plan(out: Path, smoke: bool) -> list:
         Stage("pretrain-to-hf", "convert the pretrained checkpoint to Hugging Face (the base the evaluation compares with)",
               [PY, "tools/convert_checkpoint.py", "mcore-to-hf", "--mcore", ck / "pretrain", "--out", hf / "pretrain"],
               lambda: "", str(hf / "pretrain")),
-        Stage("sft", "SFT in ChatML with masked loss, from the pretrained checkpoint (PP=2)",
+        Stage("sft", "SFT in ChatML with masked loss, from the pretrained TP=2 checkpoint resharded to DP=2",
               torchrun(2, "pretrain_qwen.py", "--config", "examples/sft_tiny.yaml", "--task", "sft",
-                       "--pipeline-model-parallel-size", "2",
                        *recipe_paths(out, "--sft-data-path", raw / "sft.jsonl", "--pretrained-checkpoint",
                                      ck / "pretrain", "--save", ck / "sft", "--load", ck / "sft",
                                      "--tensorboard-dir", tb / "sft"),

@@ -3,7 +3,7 @@
 The corpus tools must have something to do, so the raw corpus carries what a web crawl carries:
 HTML pages, exact and near duplicates, junk documents, and passages of a "benchmark" test set.
 Next to it: a ChatML instruction set (instructions on the corpus text and two-digit sums),
-arithmetic preference pairs (chosen = the right sum, rejected = a wrong one) and arithmetic PPO
+arithmetic preference pairs (chosen = the right sum, rejected = an operand repeated) and arithmetic PPO
 prompts, each with a held-out set that no stage trains on, and held-out documents for the
 plain-text perplexity. Everything is deterministic.
 """
@@ -68,7 +68,11 @@ def arithmetic_sets(rng: random.Random) -> dict:
         return [{"role": "user", "content": PHRASINGS[k % len(PHRASINGS)].format(a=a, b=b)}]
 
     def preference(a: int, b: int, k: int) -> dict:
-        wrong = rng.choice([a + b + d for d in (-3, -2, -1, 1, 2, 3) if a + b + d >= 0])
+        # rejected: the tiny model's own mistake, a number of the question repeated instead of the
+        # sum (a copy it prefers by likelihood; spotting it carries over to sums never trained on),
+        # else (0+0) a near miss
+        copied = sorted({a, b} - {a + b})
+        wrong = rng.choice(copied or [a + b + d for d in (1, 2, 3)])
         return {"prompt": question(a, b, k), "chosen": str(a + b), "rejected": str(wrong)}
 
     sft = [{"messages": question(a, b, k) + [{"role": "assistant", "content": str(a + b)}]}

@@ -59,7 +59,8 @@ def heldout_reward(model, tokenizer, prompts: Sequence[Sequence[int]], samples_p
     """Mean arithmetic reward of ``model`` (a transformers causal LM) on ``prompts``, with
     ``samples_per_prompt`` samples each drawn from fixed seeds (the same for every model, so a
     before/after comparison differs only by the model). ``solved_share``: the share of prompts
-    that most of their samples answer right."""
+    that most of their samples answer right; ``stderr``: the standard error of the mean over the
+    prompts (samples of one prompt are not independent, prompts are)."""
     from megatron_qwen.rlhf.ppo.rollout import generate
     from megatron_qwen.rlhf.ppo.trainer import sample_seed
 
@@ -75,5 +76,8 @@ def heldout_reward(model, tokenizer, prompts: Sequence[Sequence[int]], samples_p
         for (i, _), r in zip(chunk, score(out.sequences, out.attention_mask, out.prompt_length).tolist()):
             total += r
             per_prompt[i] += r / samples_per_prompt
-    return {"mean_reward": total / len(rows), "prompts": len(prompts), "samples_per_prompt": samples_per_prompt,
-            "solved_share": sum(p > 0.5 for p in per_prompt) / len(prompts)}
+    mean = total / len(rows)
+    spread = sum((p - mean) ** 2 for p in per_prompt) / max(1, len(prompts) - 1)
+    return {"mean_reward": mean, "prompts": len(prompts), "samples_per_prompt": samples_per_prompt,
+            "solved_share": sum(p > 0.5 for p in per_prompt) / len(prompts),
+            "stderr": (spread / len(prompts)) ** 0.5}
