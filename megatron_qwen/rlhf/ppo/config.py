@@ -93,7 +93,7 @@ class PPOConfig:
     reward_clip: Optional[float] = None  # clip normalised scores to [-c, c]
     # model: the reward model's score (models.reward_path); arithmetic: 1 if the response answers
     # the prompt's "A op B" right, else 0 (megatron_qwen/rlhf/ppo/rule_reward.py)
-    reward: str = "model"
+    reward: str = "model"  # what scores a response: model (the reward model) | arithmetic (the rule)
 
     def validate(self) -> None:
         if self.reward not in REWARDS:
