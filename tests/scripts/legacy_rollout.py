@@ -11,12 +11,9 @@ from __future__ import annotations
 import torch
 
 from megatron_qwen.rlhf.heads import position_ids_from_mask
-from megatron_qwen.rlhf.ppo.rollout import Rollout, left_pad, sample_inverse_cdf, top_p_filter
-from megatron_qwen.runtime.collectives import all_reduce_scalars
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    return bool(all_reduce_scalars([1.0 if flag else 0.0], device=device, op="max")[0])
+# the sampling steps and the per-row uniforms below are the old code, kept as they were; the
+# cross-rank stop vote is plumbing, shared with the new path
+from megatron_qwen.rlhf.ppo.rollout import Rollout, _any_rank, left_pad, sample_inverse_cdf, top_p_filter
 
 
 @torch.no_grad()
