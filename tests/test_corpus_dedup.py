@@ -480,3 +480,34 @@ def test_partitioned_memory_does_not_grow_with_the_corpus(tmp_path, english_word
         grown = {path: peaks[method, path, 2400] - peaks[method, path, 600] for path in ("partitioned", "memory")}
         assert grown["memory"] > 100 * 1800, (method, peaks)  # >= 100 bytes a document
         assert peaks[method, "partitioned", 2400] < 1.2 * peaks[method, "partitioned", 600], (method, peaks)
+
+
+def test_partitioned_worker_peaks_do_not_grow_with_the_corpus(tmp_path, english_words):
+    """Every stage's worker processes (chunk tasks, bucket, label, roots, sizes, order tasks),
+    run as 2 local workers, peak (VmHWM, from /proc) at most 3 MB higher at 6x the documents
+    with the same chunk size and documents per partition (2,000 -> 12,000 documents, P = 2 -> 12,
+    a 1 MB map window), and the driver too; every document has a duplicate, so the bucket and
+    sizes tasks read signatures from all over the file (old code: one map of the whole
+    signature file, +10 MB at 12,000 documents x 256 permutations). The big run writes the
+    in-memory path's bytes."""
+    peaks = {}
+    for n, parts in ((2000, 2), (12000, 12)):
+        src = tmp_path / f"in{n}.jsonl"
+        src.write_text("".join(json.dumps({"id": i, "text": " ".join(english_words[i // 2 * 7 : i // 2 * 7 + 30])})
+                               + "\n" for i in range(n)))
+        flags = ["--input", str(src), "--no-progress", "--num-perm", "256", "--chunk-bytes", "60000", "--removed"]
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "dedup_task_peaks.py"), str(1 << 20),
+                               *flags, str(tmp_path / "part.rm"), "--output", str(tmp_path / "part.jsonl"),
+                               "--workers", "2", "--partitions", str(parts)],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[n] = json.loads(proc.stdout)
+    stages = set(peaks[2000]) | set(peaks[12000])
+    assert {"driver", "sign_and_write", "minhash_bucket_task", "label_task", "sizes_task"} <= stages, peaks
+    for stage in stages:
+        assert peaks[12000][stage] - peaks[2000][stage] < 3 * 1024, (stage, peaks)  # kB
+    dedup.run(parse_args(dedup.DedupToolConfig, [*flags, str(tmp_path / "mem.rm"), "--output",
+                                                 str(tmp_path / "mem.jsonl")]))
+    for ext in (".jsonl", ".jsonl.duplicates.jsonl", ".rm"):
+        assert (tmp_path / f"part{ext}").read_bytes() == (tmp_path / f"mem{ext}").read_bytes(), ext
+    assert (tmp_path / "mem.rm").read_bytes().count(b"\n") >= 12000 // 2 - 10  # real duplicates removed

@@ -399,19 +399,17 @@ class _WantedShingles:
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.index = {path: i for i, path in enumerate(inputs)}
         self.path = os.path.join(work, "wanted_keys.bin")
-        self._keys = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_keys": None}
 
     def __call__(self, docs):
-        if self._keys is None:
-            size = os.path.getsize(self.path)
-            self._keys = np.memmap(self.path, dtype="<i8", mode="r") if size else np.empty(0, np.int64)
+        # mapped per chunk, not once per worker: a map's touched pages stay in the worker's RSS
+        # while it lives, which over a whole pass would be the whole (corpus-sized) file
+        size = os.path.getsize(self.path)
+        wanted = np.memmap(self.path, dtype="<i8", mode="r") if size else np.empty(0, np.int64)
         keys = _line_keys(docs, self.index)
-        ranks = np.searchsorted(self._keys, keys)
-        hit = ranks < len(self._keys)
-        hit[hit] = self._keys[ranks[hit]] == keys[hit]
+        ranks = np.searchsorted(wanted, keys)
+        hit = ranks < len(wanted)
+        hit[hit] = wanted[ranks[hit]] == keys[hit]
+        del wanted
         picked = np.flatnonzero(hit)
         hashes, counts = minhash.shingle_batch([docs[i].record[self.text_key] for i in picked], self.spec)
         sets = [np.unique(p) for p in np.split(hashes, np.cumsum(counts)[:-1])] if len(picked) else []

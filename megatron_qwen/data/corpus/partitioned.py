@@ -132,10 +132,10 @@ class PlaceStore:
 
     @contextlib.contextmanager
     def reader(self):
-        offsets = np.memmap(self.index, dtype="<i8", mode="r") if self.count else np.empty(0, np.int64)
-        with open(self.path, "rb") as f:
+        # offsets by pread, not a memory map: the driver's RSS then does not grow by 8 bytes a document
+        with open(self.path, "rb") as f, open(self.index, "rb", buffering=0) as index:
             def place(pos: int) -> dict:
-                f.seek(int(offsets[pos]))
+                f.seek(int.from_bytes(os.pread(index.fileno(), 8, 8 * pos), "little"))
                 file, line, ident = json.loads(f.readline())
                 out = {"file": file, "line": line}
                 if ident is not None:
@@ -210,10 +210,40 @@ def exact_bucket_task(work: str, part: int, parts: int, n: int) -> int:
     return int(np.count_nonzero(new))
 
 
-def _signatures(work: str, n: int, num_perm: int, dtype: str) -> np.ndarray:
-    if n == 0:
-        return np.empty((0, num_perm), dtype=dtype)
-    return np.memmap(os.path.join(work, "signatures.bin"), dtype=dtype, mode="r", shape=(n, num_perm))
+WINDOW_BYTES = 16 << 20  # the most of a shared file one task maps at a time
+PAIRS_PER_READ = 1 << 13  # candidate pairs whose two signatures a bucket task holds at once
+
+
+def rows_at(path: str, dtype, width: int, positions: np.ndarray) -> np.ndarray:
+    """Rows ``positions`` of a file of ``width``-wide rows, in the order asked.
+
+    Read through one memory map of at most ``WINDOW_BYTES`` at a time, each unmapped before the
+    next: the pages of a mapped file count in a process's RSS while mapped, so one map of the
+    whole file would grow a task's memory with the corpus (random rows touch every page).
+    """
+    dtype = np.dtype(dtype)
+    positions = np.asarray(positions, dtype=np.int64)
+    out = np.empty((len(positions), width), dtype=dtype)
+    if not len(positions):
+        return out
+    order = np.argsort(positions, kind="stable")
+    wanted = positions[order]
+    per_window = max(1, WINDOW_BYTES // (width * dtype.itemsize))
+    total = os.path.getsize(path) // (width * dtype.itemsize)
+    start = 0
+    while start < len(wanted):
+        lo = int(wanted[start])
+        hi = min(lo + per_window, total)
+        stop = int(np.searchsorted(wanted, hi, side="left"))
+        window = np.memmap(path, dtype=dtype, mode="r", offset=lo * width * dtype.itemsize, shape=(hi - lo, width))
+        out[order[start:stop]] = window[wanted[start:stop] - lo]
+        del window
+        start = stop
+    return out
+
+
+def _signatures_at(work: str, num_perm: int, dtype: str, positions: np.ndarray) -> np.ndarray:
+    return rows_at(os.path.join(work, "signatures.bin"), dtype, num_perm, positions)
 
 
 def minhash_bucket_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: str, rows: int) -> int:
@@ -224,12 +254,12 @@ def minhash_bucket_task(work: str, part: int, parts: int, n: int, num_perm: int,
     new[1:] = (rec["key"][1:] != rec["key"][:-1]) | (rec["band"][1:] != rec["band"][:-1])
     first = rec["pos"][np.flatnonzero(new)][np.cumsum(new) - 1]
     src, dst, band = first[~new], rec["pos"][~new], rec["band"][~new]
-    sigs = _signatures(work, n, num_perm, dtype)
     same = np.ones(len(src), dtype=bool)
-    if len(src):
-        cols = band[:, None] * rows + np.arange(rows)[None, :]
-        a, b = sigs[src], sigs[dst]
-        same = np.all(np.take_along_axis(a, cols, 1) == np.take_along_axis(b, cols, 1), axis=1)
+    for lo in range(0, len(src), PAIRS_PER_READ):  # a block of pairs' signatures at a time
+        hi = min(lo + PAIRS_PER_READ, len(src))
+        cols = band[lo:hi, None] * rows + np.arange(rows)[None, :]
+        a, b = _signatures_at(work, num_perm, dtype, src[lo:hi]), _signatures_at(work, num_perm, dtype, dst[lo:hi])
+        same[lo:hi] = np.all(np.take_along_axis(a, cols, 1) == np.take_along_axis(b, cols, 1), axis=1)
     src, dst = src[same], dst[same]
     edges = np.empty(2 * len(src), dtype=EDGE)
     edges["a"], edges["b"] = np.concatenate([src, dst]), np.concatenate([dst, src])
@@ -292,9 +322,9 @@ def sizes_task(work: str, part: int, parts: int, n: int, num_perm: int, dtype: s
     dup = np.zeros(int(dup_mask.sum()), dtype=DUP)
     dup["pos"], dup["root"] = members["b"][dup_mask], members["a"][dup_mask]
     dup["size"] = counts[inverse[dup_mask]]
-    sigs = _signatures(work, n, num_perm, dtype)
     if len(dup):
-        dup["est"] = minhash.estimated_jaccard(sigs[dup["pos"]], sigs[dup["root"]])
+        dup["est"] = minhash.estimated_jaccard(_signatures_at(work, num_perm, dtype, dup["pos"]),
+                                               _signatures_at(work, num_perm, dtype, dup["root"]))
     dup["jac"] = np.nan
     if verified and len(dup):
         with ShingleStore(work) as store:
@@ -328,13 +358,12 @@ def wanted_task(work: str, part: int, parts: int) -> int:
 
 def gather_wanted(work: str, parts: int, n: int) -> int:
     """``wanted.bin`` (positions, sorted) and ``wanted_keys.bin`` (their input index << 40 | line)."""
-    keys = np.memmap(os.path.join(work, "lines.bin"), dtype="<i8", mode="r") if n else np.empty(0, np.int64)
     total = 0
     with open(os.path.join(work, "wanted.bin"), "wb") as pos_f, open(os.path.join(work, "wanted_keys.bin"), "wb") as key_f:
         for part in range(parts):
             nodes = _load(os.path.join(work, f"wanted-sorted-{part}.npy"))
             pos_f.write(nodes.astype("<i8").tobytes())
-            key_f.write(np.asarray(keys[nodes], dtype="<i8").tobytes())
+            key_f.write(rows_at(os.path.join(work, "lines.bin"), "<i8", 1, nodes).tobytes())
             total += len(nodes)
     return total
 
