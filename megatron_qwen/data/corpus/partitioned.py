@@ -171,25 +171,44 @@ def _call(args):
     return fn(*arg)
 
 
-def map_partitions(fn: Callable, args: Sequence[tuple], workers: int, ray_address: Optional[str]) -> list:
-    """``[fn(*a) for a in args]`` on local processes or Ray tasks (results in order).
+class Tasks:
+    """Runs partition tasks on local processes or Ray tasks; one pool for every stage of a run.
 
-    A Ray task whose worker dies is retried (files are written then renamed, so a retry rewrites
-    the same bytes). Runs in this process when there is one worker and no Ray.
+    ``map(fn, args)`` is ``[fn(*a) for a in args]`` (results in order). The local pool is forked
+    once, at the first stage with more than one task, and serves every later stage (a pool per
+    stage costs a fork and a teardown each: a fixed cost that shows at small corpora). A Ray
+    task whose worker dies is retried (files are written then renamed, so a retry rewrites the
+    same bytes). Runs in this process when there is one worker and no Ray.
     """
-    if ray_address:
-        import ray
 
-        task = ray.remote(num_cpus=1, max_retries=3)(fn)
-        return ray.get([task.remote(*a) for a in args])
-    if workers > 1 and len(args) > 1:
-        import multiprocessing
+    def __init__(self, workers: int = 1, ray_address: Optional[str] = None):
+        self.workers, self.ray_address = workers, ray_address
+        self._pool = None
 
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(min(workers, len(args))) as pool:
-            return pool.map(_call, [(fn, a) for a in args], chunksize=1)
-    return [fn(*a) for a in args]
+    def __enter__(self) -> "Tasks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def map(self, fn: Callable, args: Sequence[tuple]) -> list:
+        if self.ray_address:
+            import ray
+
+            task = ray.remote(num_cpus=1, max_retries=3)(fn)
+            return ray.get([task.remote(*a) for a in args])
+        if self.workers > 1 and len(args) > 1:
+            if self._pool is None:
+                import multiprocessing
+
+                methods = multiprocessing.get_all_start_methods()
+                ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                self._pool = ctx.Pool(self.workers)
+            return self._pool.map(_call, [(fn, a) for a in args], chunksize=1)
+        return [fn(*a) for a in args]
 
 
 def _range_part(pos: np.ndarray, n: int, parts: int) -> np.ndarray:
@@ -406,15 +425,16 @@ def verify_task(work: str, part: int, parts: int, threshold: float) -> int:
     return int(ok.sum())
 
 
-def _each(work: str, parts: int, workers: int, ray_address: Optional[str], fn: Callable, *args) -> list:
-    return map_partitions(fn, [(work, p, parts, *args) for p in range(parts)], workers, ray_address)
+def _each(work: str, parts: int, tasks: Tasks, fn: Callable, *args) -> list:
+    return tasks.map(fn, [(work, p, parts, *args) for p in range(parts)])
 
 
 def exact_duplicates(work: str, n: int, parts: int, workers: int = 1, ray_address: Optional[str] = None) -> dict:
     """Stages 2 and 4 for exact keys (``keys-P.bin``) -> facts; then ``iter_duplicates``."""
-    distinct = sum(_each(work, parts, workers, ray_address, exact_bucket_task, n))
-    _remove(work, "keys", parts, (".bin",))
-    _each(work, parts, workers, ray_address, order_task)
+    with Tasks(workers, ray_address) as tasks:
+        distinct = sum(_each(work, parts, tasks, exact_bucket_task, n))
+        _remove(work, "keys", parts, (".bin",))
+        _each(work, parts, tasks, order_task)
     return {"unique_texts": distinct}
 
 
@@ -426,7 +446,12 @@ def minhash_duplicates(work: str, n: int, parts: int, num_perm: int, dtype: str,
     With ``verify`` (a callable that fills the shingle store, see ``gather_wanted``), only the
     candidate pairs whose true Jaccard reaches ``threshold`` link documents.
     """
-    each = functools.partial(_each, work, parts, workers, ray_address)
+    with Tasks(workers, ray_address) as tasks:
+        return _minhash_stages(work, n, parts, num_perm, dtype, rows, tasks, verify, threshold)
+
+
+def _minhash_stages(work, n, parts, num_perm, dtype, rows, tasks, verify, threshold) -> dict:
+    each = functools.partial(_each, work, parts, tasks)
     facts = {"candidate_pairs": sum(each(minhash_bucket_task, n, num_perm, dtype, rows))}
     _remove(work, "buckets", parts, (".bin",))  # the largest files: gone before the next stage
     edges = "edges"
