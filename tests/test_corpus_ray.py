@@ -7,6 +7,7 @@ stop every Ray on the machine)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -131,57 +132,84 @@ def _run_cases(cases: list, tmp: Path, env: dict) -> None:
     spec = tmp / f"cases-{len(list(tmp.glob('cases-*')))}.json"
     spec.write_text(json.dumps([[str(TOOLS / f"{tool}.py"), [str(a) for a in argv]] for tool, argv in cases]))
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "corpus_cli_cases.py"), str(spec)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (tool, argv), result in zip(cases, json.loads(proc.stdout)):
         assert result["rc"] == 0, (tool, argv, result["output"][-3000:])
 
 
 def test_every_tool_on_a_ray_cluster_writes_the_local_bytes(cluster, tmp_path):
+    """extract, filter, decontaminate, preprocess and dedup (exact and MinHash, in memory and
+    --partitions) through --ray HOST:PORT and through --ray auto: the local run's bytes."""
     address, env, _ = cluster
     inputs = _inputs(tmp_path)
-    # --ray auto is the same code once the address is resolved: two tools (the shared runner, and
-    # dedup's partition tasks) through it keep the test short
-    runs = {"local": ([], None), "address": (["--ray", address], None),
-            "auto": (["--ray", "auto"], ("filter.jsonl", "minhashp.jsonl"))}
-    files = {}
-    for name, (flags, only) in runs.items():
-        out = tmp_path / name
+    runs = {"local": [], "address": ["--ray", address], "auto": ["--ray", "auto"]}
+    outs = {name: tmp_path / name for name in runs}
+    cases = {name: _cases(inputs, out) for name, out in outs.items()}
+    for out in outs.values():
         out.mkdir()
-        cases = [c for c in _cases(inputs, out) if only is None or c[2][0] in only]
-        _run_cases([(tool, argv + flags) for tool, argv, _ in cases], tmp_path, env)
-        files[name] = {f: (out / f).read_bytes() for _, _, names in cases for f in names}
-    assert files["address"] == files["local"]
-    assert files["auto"] == {f: files["local"][f] for f in files["auto"]} and len(files["auto"]) == 5
+    _run_cases([(tool, argv) for tool, argv, _ in cases["local"]], tmp_path, env)
+    # both cluster runs in one interpreter: one start and one import of the tools for the two
+    _run_cases([(tool, argv + runs[name]) for name in ("address", "auto") for tool, argv, _ in cases[name]],
+               tmp_path, env)
+    files = {name: {f: (out / f).read_bytes() for _, _, names in cases[name] for f in names}
+             for name, out in outs.items()}
+    assert files["address"] == files["local"] and files["auto"] == files["local"]
+    assert {tool for tool, _, _ in cases["auto"]} == {"extract_text", "filter", "decontaminate", "preprocess_data",
+                                                      "dedup"}
     local = files["local"]
     assert local["extract.jsonl"].count(b"\n") > 0 and local["exact.rm"].count(b"\n") >= 5  # real work was done
     assert local["minhashp.jsonl"] == local["minhash.jsonl"] and local["exactp.jsonl"] == local["exact.jsonl"]
 
 
-def test_a_killed_ray_worker_loses_and_doubles_nothing(cluster, tmp_path):
+def _kill_a_worker_running(sid: int, tasks: tuple, proc) -> int:
+    """SIGKILL the first Ray worker of session ``sid`` seen running one of ``tasks`` (its process
+    title is ``ray::TASK`` while it runs one) before ``proc`` ends -> its pid, or None."""
+    workers: list = []
+    deadline = time.time() + 120
+    for sweep in itertools.count():
+        if proc.poll() is not None or time.time() > deadline:
+            return None
+        if sweep % 50 == 0:  # new workers start now and then; reading only theirs keeps the poll fast
+            workers = [pid for pid in _session_pids(sid) if _cmdline(pid).startswith("ray::")]
+        for pid in workers:
+            if _cmdline(pid).split(" ")[0] in tasks:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.002)
+
+
+def _filter_argv(src: Path, out: Path, name: str) -> list:
+    return [str(TOOLS / "filter.py"), "--input", str(src), "--chunk-bytes", "3000", "--no-progress",
+            "--output", str(out / f"{name}.jsonl"), "--rejected", str(out / f"{name}.rej")]
+
+
+def _dedup_argv(src: Path, out: Path, name: str) -> list:
+    return [str(TOOLS / "dedup.py"), "--input", str(src), "--chunk-bytes", "3000", "--no-progress",
+            "--method", "minhash", "--partitions", "8", "--output", str(out / f"{name}.jsonl"),
+            "--removed", str(out / f"{name}.rej")]
+
+
+@pytest.mark.parametrize("tool,tasks", [
+    (_filter_argv, ("ray::_work",)),  # a chunk task (the shared runner)
+    (_dedup_argv, tuple(f"ray::{t}" for t in ("minhash_bucket_task", "label_task", "roots_task", "sizes_task",
+                                               "order_task"))),  # a partition task of dedup --partitions
+], ids=["chunk-task", "partition-task"])
+def test_a_killed_ray_worker_loses_and_doubles_nothing(cluster, tmp_path, tool, tasks):
     address, env, sid = cluster
     src = tmp_path / "big.jsonl"
-    src.write_text((DATA / "multilingual.jsonl").read_text() * 40)
-    argv = ["--input", src, "--chunk-bytes", "3000", "--no-progress"]
+    lines = (DATA / "multilingual.jsonl").read_text().splitlines(keepends=True)
+    src.write_text("".join(lines) * 40)
     runs = {"local": [], "ray": ["--ray", address]}
-    procs = {name: subprocess.Popen([sys.executable, str(TOOLS / "filter.py"), *map(str, argv), "--output",
-                                     str(tmp_path / f"{name}.jsonl"), "--rejected", str(tmp_path / f"{name}.rej"),
-                                     *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = {name: subprocess.Popen([sys.executable, *tool(src, tmp_path, name), *flags], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for name, flags in runs.items()}
-    killed = None
-    deadline = time.time() + 120
-    while killed is None and procs["ray"].poll() is None and time.time() < deadline:
-        for pid in _session_pids(sid):
-            if _cmdline(pid).startswith("ray::_work"):  # a worker running one of our chunk tasks
-                os.kill(pid, signal.SIGKILL)
-                killed = pid
-                break
-        time.sleep(0.005)
+    killed = _kill_a_worker_running(sid, tasks, procs["ray"])
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, (name, err.decode()[-3000:])
-    assert killed is not None, "the job ended before a worker could be killed"
+    assert killed is not None, f"the job ended before a worker running {tasks} could be killed"
     for suffix in (".jsonl", ".rej"):
         assert (tmp_path / f"ray{suffix}").read_bytes() == (tmp_path / f"local{suffix}").read_bytes()
     assert (tmp_path / "ray.jsonl").read_bytes().count(b"\n") + (tmp_path / "ray.rej").read_bytes().count(b"\n") \
-        == 40 * len((DATA / "multilingual.jsonl").read_text().splitlines())
+        == 40 * len(lines)
