@@ -27,7 +27,9 @@ bytes (tested), because it computes the same thing:
    streams it against them.
 
 Memory: the driver holds a window of chunk results and P open files; a task holds one partition
-(about N x bands x 20 bytes / P for buckets). Disk: see docs/dedup.md.
+(about N x bands x 20 bytes / P for buckets), the signatures of at most ``PAIRS_PER_READ`` pairs
+and a map window of at most ``WINDOW_BYTES`` of a shared file (``rows_at``): never a map of a
+whole corpus-sized file, whose touched pages would count in its RSS. Disk: see docs/dedup.md.
 """
 
 from __future__ import annotations
