@@ -191,8 +191,13 @@ class Tasks:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release(failed=exc[0] is not None)
+
+    def release(self, failed: bool = False) -> None:
+        """Stop the pool (the next ``map`` forks a new one): before the driver forks other
+        workers, since a pool's threads in a process that forks could hold a lock in the child."""
         if self._pool is not None:
-            self._pool.terminate() if exc[0] is not None else self._pool.close()
+            self._pool.terminate() if failed else self._pool.close()
             self._pool.join()
             self._pool = None
 
@@ -461,6 +466,7 @@ def _minhash_stages(work, n, parts, num_perm, dtype, rows, tasks, verify, thresh
         each(candidates_task, n)
         each(wanted_task)
         gather_wanted(work, parts, n)
+        tasks.release()  # the shingle pass forks its own chunk workers
         verify()
         facts["verified_pairs"] = sum(each(verify_task, threshold))
         edges = "vedges"
