@@ -203,10 +203,66 @@ def test_model_flops_match_a_counted_forward_and_backward():
     assert t["mfu"] == pytest.approx(counted / 2.0 / 4 / 1e12 / 989.0, rel=1e-12)
 
 
+def test_model_flops_are_the_megatron_paper_arithmetic():
+    """Hand arithmetic, Narayanan et al. 2021 (Megatron-LM at scale, appendix): a multi-head
+    model with an 8h/3 SwiGLU (12 h^2 weights per layer) trains in 72 B s L h^2 (1 + s/(12 h) +
+    V/(12 L h)) FLOPs per batch (the paper's s/(6 h) halved: causal); full recompute makes it
+    96 B s L h^2 (1 + s/(12 h) + V/(16 L h)) (the head is not recomputed); selective recompute
+    adds core attention's forward, 2 h s per layer and token."""
+    import dataclasses
+
+    from megatron_qwen.config import load_model_config
+    from megatron_qwen.training import metrics
+
+    b, s, L, h, V = 3, 96, 5, 48, 1000
+    m = load_model_config("tiny", num_layers=L, hidden_size=h, num_attention_heads=4, ffn_hidden_size=8 * h // 3,
+                          vocab_size=V, make_vocab_size_divisible_by=8, seq_length=s)
+    model = metrics.flops_per_token(m) * b * s
+    assert model == pytest.approx(72 * b * s * L * h**2 * (1 + s / (12 * h) + V / (12 * L * h)), rel=1e-12)
+    assert metrics.layer_flops_per_token(m) * b * s == pytest.approx(72 * b * s * h**2 * (1 + s / (12 * h)), rel=1e-12)
+    assert metrics.head_flops_per_token(m) * b * s == 6 * b * s * V * h
+    assert metrics.recompute_flops_per_token(m) == 0.0
+    full = dataclasses.replace(m, recompute_granularity="full")
+    assert model + metrics.recompute_flops_per_token(full) * b * s == pytest.approx(
+        96 * b * s * L * h**2 * (1 + s / (12 * h) + V / (16 * L * h)), rel=1e-12)
+    selective = dataclasses.replace(m, recompute_granularity="selective")
+    assert metrics.recompute_flops_per_token(selective) * b * s == 2 * b * s * L * h * s
+
+
+def test_head_and_full_recompute_flops_match_a_counted_step():
+    """torch's FLOP counter over a tiny Qwen2 forward+backward with every decoder layer
+    checkpointed (transformers' activation checkpointing, as full recompute; torch's early stop
+    off, so the whole forward reruns as in megatron-core): the lm_head's count is the head term,
+    and the whole count is model FLOPs plus full recompute's."""
+    import dataclasses
+
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_qwen.config import load_model_config
+    from megatron_qwen.training import metrics
+    from tests.scripts.model_common import hf_reference
+
+    m = dataclasses.replace(load_model_config("tiny_vocab"), num_query_groups=2, recompute_granularity="full")
+    model = hf_reference(m).train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # the first argument under either name
+    b, s = 2, 64
+    ids = torch.randint(0, m.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, set_checkpoint_early_stop(False):
+        model(ids, labels=ids, use_cache=False).loss.backward()
+    counts = counter.get_flop_counts()
+    assert sum(counts["Qwen2ForCausalLM.lm_head"].values()) == metrics.head_flops_per_token(m) * b * s
+    ops = counts["Global"]
+    counted = sum(ops.values()) - ops[torch.ops.aten.bmm] / 2  # causal: half the attention products
+    assert counted == (metrics.flops_per_token(m, s) + metrics.recompute_flops_per_token(m, s)) * b * s
+
+
 def test_peak_tflops_by_device_name():
     from megatron_qwen.training import metrics
 
     assert metrics.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert metrics.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert metrics.peak_tflops("NVIDIA H100 NVL") == 835.0
     assert metrics.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert metrics.peak_tflops("NVIDIA H200") == 989.0 and metrics.peak_tflops("Tesla T4") is None

@@ -5,8 +5,11 @@ compare MFU with): ``6 * N + 6 * L * q * s``. N counts every matmul weight that 
 token (all transformer layers plus the output projection; not the input embedding, a lookup);
 ``6 * L * q * s`` is attention's QK^T and AV at context s (q = heads x head size) for forward +
 backward, halved for the causal mask (only the lower triangle is needed). PaLM's convention,
-``12 * L * h * s``, counts the full square. Recomputation is not counted: model FLOPs, not
-hardware FLOPs.
+``12 * L * h * s``, counts the full square. For a multi-head model with a SwiGLU of 8h/3 this is
+the Megatron paper's ``72 B s L h^2 (1 + s/(12 h) + V/(12 L h))`` per batch of B sequences (its
+``s/(6 h)`` halved for causality). Recomputation is not in MFU (model FLOPs, not hardware FLOPs);
+``recompute_flops_per_token`` gives what it adds, for the hardware figure (full recompute: 96
+instead of 72, head excluded).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Optional
 
 import torch
 
-# Dense BF16 peak per GPU in TFLOP/s (vendor datasheets, without sparsity).
-PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+# Dense BF16 peak per GPU in TFLOP/s (vendor datasheets, without sparsity); first match wins.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                    ("A100", 312.0))
 
 
 # named in the log line and by bench/mfu.py, so a reader knows which count the MFU uses
@@ -30,19 +34,49 @@ def _query_size(model_cfg) -> int:
     return model_cfg.num_attention_heads * model_cfg.kv_channels
 
 
-def matmul_params(model_cfg, tp: int = 1) -> int:
-    """N of the FLOPs formula: weights of every layer plus the (padded) output projection."""
-    h, ffn, L = model_cfg.hidden_size, model_cfg.ffn_hidden_size, model_cfg.num_layers
+def layer_matmul_params(model_cfg) -> int:
+    """Weights of one transformer layer a token goes through: QKV (GQA: the K and V groups),
+    the output projection and SwiGLU's three matrices."""
+    h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
     q = _query_size(model_cfg)
     kv = (model_cfg.num_query_groups or model_cfg.num_attention_heads) * model_cfg.kv_channels
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * ffn
-    return L * per_layer + model_cfg.vocab_size_padded(tp) * h
+    return h * (q + 2 * kv) + q * h + 3 * h * ffn
+
+
+def matmul_params(model_cfg, tp: int = 1) -> int:
+    """N of the FLOPs formula: weights of every layer plus the (padded) output projection."""
+    head = model_cfg.vocab_size_padded(tp) * model_cfg.hidden_size
+    return model_cfg.num_layers * layer_matmul_params(model_cfg) + head
+
+
+def layer_flops_per_token(model_cfg, seq_length: Optional[int] = None) -> float:
+    """Training FLOPs per token of one transformer layer: 3 GEMMs (forward, data and weight
+    gradients) x 2 FLOPs per multiply-add over its weights, plus causal attention at context s."""
+    s = seq_length or model_cfg.seq_length
+    return 6.0 * layer_matmul_params(model_cfg) + 6.0 * _query_size(model_cfg) * s
+
+
+def head_flops_per_token(model_cfg) -> float:
+    """Training FLOPs per token of the output projection (the padded vocabulary rows)."""
+    return 6.0 * model_cfg.vocab_size_padded(1) * model_cfg.hidden_size
 
 
 def flops_per_token(model_cfg, seq_length: Optional[int] = None) -> float:
     """Training (forward + backward) model FLOPs per token, Megatron-LM's causal convention."""
+    layers = model_cfg.num_layers * layer_flops_per_token(model_cfg, seq_length)
+    return layers + head_flops_per_token(model_cfg)
+
+
+def recompute_flops_per_token(model_cfg, seq_length: Optional[int] = None) -> float:
+    """FLOPs per token that activation recomputation adds (hardware FLOPs, not in MFU): ``full``
+    runs every layer's forward again (a third of its training FLOPs), ``selective`` runs core
+    attention's forward again (QK^T and AV, causal: 2 q s per layer)."""
     s = seq_length or model_cfg.seq_length
-    return 6.0 * matmul_params(model_cfg) + 6.0 * model_cfg.num_layers * _query_size(model_cfg) * s
+    if model_cfg.recompute_granularity == "full":
+        return model_cfg.num_layers * layer_flops_per_token(model_cfg, s) / 3.0
+    if model_cfg.recompute_granularity == "selective":
+        return model_cfg.num_layers * 2.0 * _query_size(model_cfg) * s
+    return 0.0
 
 
 def peak_tflops(device_name: Optional[str] = None) -> Optional[float]:
