@@ -52,10 +52,10 @@ def step(ddp, opt, seed):
 
 
 def sharded(chunk, opt, loading):
-    from megatron_qwen.training.checkpoint import SHARDED_METADATA
+    from megatron_qwen.training.checkpoint import FULLY_RESHARDABLE, sharded_metadata
 
     state = {"model": chunk.sharded_state_dict()}
-    state["optimizer"] = opt.sharded_state_dict(state, is_loading=loading, metadata=SHARDED_METADATA)
+    state["optimizer"] = opt.sharded_state_dict(state, is_loading=loading, metadata=sharded_metadata(FULLY_RESHARDABLE))
     return state
 
 
@@ -87,7 +87,7 @@ def main():
     from megatron.core import dist_checkpointing
 
     from megatron_qwen.config import load_model_config
-    from megatron_qwen.training.checkpoint import SHARDED_METADATA
+    from megatron_qwen.training.checkpoint import FULLY_RESHARDABLE, sharded_metadata
 
     world()
     model_cfg = load_model_config("tiny_vocab", num_layers=2)
@@ -97,7 +97,7 @@ def main():
     result = {"stock_fresh": error_of(lambda: sharded(chunk, opt, True))}
     for seed in (1, 2):
         step(ddp, opt, seed)
-    dist_checkpointing.save(sharded(chunk, opt, False), path, content_metadata=dict(SHARDED_METADATA))
+    dist_checkpointing.save(sharded(chunk, opt, False), path, content_metadata=sharded_metadata(FULLY_RESHARDABLE))
     stepped = build(model_cfg)
     step(stepped[1], stepped[2], 9)  # a non-empty state: the fresh-state assert is not reached
     result["stock_stepped"] = error_of(lambda: load_into(stepped[0], stepped[2], path))
