@@ -187,10 +187,12 @@ def finalize_async_saves(blocking: bool = True) -> None:
 
 
 def abort_async_saves() -> None:
-    """Stop the writers of unfinished async saves (after an error): their ``.tmp`` stays unpublished."""
+    """Kill the writers of unfinished async saves (after an error; no collective, so a rank that
+    fails alone does not hang here): their ``.tmp`` stays unpublished."""
     global _async_queue
     if _async_queue is not None:
-        _async_queue.close(abort=True)
+        for call in _async_queue.async_calls:  # megatron-core's queue.close(abort=True) leaves
+            call.async_caller.close(abort=True)  # its per-save (forked) writers running
         _async_queue = None
 
 
