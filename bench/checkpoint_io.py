@@ -102,12 +102,12 @@ def worker(mode: str, args) -> None:
     ckpt.finalize_async_saves(blocking=True)
     rss = _reset_peak()
     save_s = _timed(lambda: save(2))
-    save_peak = _status_kib("VmHWM") - rss
+    save_peak = max(0, _status_kib("VmHWM") - rss)
     finalize_s = save_s + _timed(lambda: ckpt.finalize_async_saves(blocking=True))
     rss = _reset_peak()
     load_s = _timed(lambda: ckpt.load_checkpoint(save_dir, trainer.model, trainer.optimizer,
                                                  trainer.scheduler, cfg))
-    load_peak = _status_kib("VmHWM") - rss
+    load_peak = max(0, _status_kib("VmHWM") - rss)
     row = {"mode": mode, "rank": rank, "params": params, "save_s": save_s, "finalize_s": finalize_s,
            "load_s": load_s, "save_peak_mib": save_peak / 1024, "load_peak_mib": load_peak / 1024,
            "ckpt_mib": sum(f.stat().st_size for f in ckpt.iter_dir(save_dir, 2).rglob("*") if f.is_file()) / 2**20}
