@@ -110,6 +110,9 @@ def test_megatron_core_fixes_work_without_the_cpu_redirect(tmp_path):
     assert result["loaded_steps"] == [2.0] and result["own_step_tensors"] and result["moments_equal"]
     assert result["steps_after"] == [4.0]  # one increment per step, not one per parameter
     assert result["params_equal"]  # the resumed optimizer steps exactly like the saved one
+    # load_parameter_state_from_dp_reshardable copies into the fp32 leaf parameters with autograd on
+    assert result["stock_dp_reshardable"].startswith("RuntimeError: a view of a leaf Variable that requires grad")
+    assert result["dp_loaded_steps"] == [2.0] and result["dp_params_equal"]
 
 
 def test_init_distributed_applies_megatron_core_fixes_on_a_gpu_node():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from megatron_qwen.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_qwen.model.attention import flash_attn_func
+from megatron_qwen.model.fusions import FLAGS, decide_fusions, log_once
 from megatron_qwen.model.transformer_config import QwenTransformerConfig
 
 
@@ -34,9 +35,12 @@ def transformer_config(
     **overrides,
 ) -> QwenTransformerConfig:
     """The megatron-core TransformerConfig of a Qwen model (report 2.3): RMSNorm eps 1e-6, SwiGLU,
-    QKV bias only, RoPE over the whole head dim. Fusions that need CUDA kernels are off on CPU."""
+    QKV bias only, RoPE over the whole head dim. Each fusion flag is on only where its kernel
+    exists (``model.fusions.decide_fusions``); an override that turns one on without it is refused."""
     check_layout(model_cfg, parallel_cfg)
     on_gpu = torch.cuda.is_available()
+    fusions = decide_fusions(normalization="RMSNorm")
+    log_once(fusions)
     vpp = parallel_cfg.virtual_pipeline_model_parallel_size
     recompute = model_cfg.recompute_granularity
     kwargs = dict(
@@ -64,13 +68,8 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        # Kernels: megatron's fused ones are CUDA (or torch.compile) only.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        # Kernels: each fusion on only where its kernel exists here (model/fusions.py)
+        **{flag: f.on for flag, f in fusions.items()},
         # On CPU every tensor is created in host memory; the full-weight CPU init also makes the
         # initial weights independent of the TP layout.
         use_cpu_initialization=not on_gpu,
@@ -83,6 +82,9 @@ def transformer_config(
         use_logn_attn=model_cfg.use_logn_attn,
         window_sizes=model_cfg.window_sizes,
     )
+    for flag in FLAGS:
+        if overrides.get(flag) and not fusions[flag].on:
+            raise ConfigError(f"{flag}=True was asked for, but {fusions[flag].reason}")
     kwargs.update(overrides)
     return QwenTransformerConfig(**kwargs)
 

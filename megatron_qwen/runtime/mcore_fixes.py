@@ -106,10 +106,27 @@ def _skip_step_in_parameter_copy(set_states):
     return wrapped
 
 
+def _without_autograd(load_dp_reshardable):
+    """``DistributedOptimizer.load_parameter_state_from_dp_reshardable`` (0.16.1 l.1772, 0.19.2
+    l.2061) lacks the ``torch.no_grad()`` its fully_reshardable twin has; with fp32 parameters the
+    main param it copies into is a view of the model's leaf parameter, so every dp_reshardable
+    resume of an fp32 run raises "a view of a leaf Variable that requires grad is being used in an
+    in-place operation" (bf16 runs copy into a detached fp32 master and pass). Run it without
+    autograd: the copy is the same."""
+
+    @functools.wraps(load_dp_reshardable)
+    def wrapped(self, state_dict):
+        with torch.no_grad():
+            return load_dp_reshardable(self, state_dict)
+
+    return wrapped
+
+
 _FIXES = {
     "state_dict": _zero_state_for_fresh_adam,
     "load_state_dict": _own_step_tensor_per_parameter,
     "_set_main_param_and_optimizer_states": _skip_step_in_parameter_copy,
+    "load_parameter_state_from_dp_reshardable": _without_autograd,
 }
 
 

@@ -147,3 +147,15 @@ def load_arguments(load_common) -> dict:
             return load_common(checkpoint_dir)
 
     return {"common_strategy": _CommonLoad()}
+
+
+def async_save_arguments() -> dict:
+    """Extra keyword arguments for ``dist_checkpointing.save(async_sharded_save=True)`` so it uses
+    megatron-core's own async writer (``strategies.async_utils``): 0.19 defaults to NVIDIA
+    resiliency-ext's (``async_strategy="nvrx"``), which is not a dependency; 0.16 has one writer."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return ({"async_strategy": "mcore"}
+            if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {})

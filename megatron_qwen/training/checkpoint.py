@@ -1,10 +1,16 @@
 """Training checkpoints: megatron-core distributed checkpoints in Megatron-LM's layout.
 
-``DIR/iter_NNNNNNN/`` holds one ``torch_dist`` checkpoint with the model, the optimizer (in the
-layout-free "fully reshardable" form, so a run resumes at another TP/PP/DP), the LR scheduler,
-every RNG, the iteration and the consumed-sample count; ``DIR/latest_checkpointed_iteration.txt``
-points at the newest. A checkpoint is written to ``iter_NNNNNNN.tmp`` and renamed once complete, and
-the pointer is replaced atomically after, so a job killed mid-save leaves the previous checkpoint
+``DIR/iter_NNNNNNN/`` holds one ``torch_dist`` checkpoint with the model, the optimizer, the LR
+scheduler, every RNG, the iteration and the consumed-sample count;
+``DIR/latest_checkpointed_iteration.txt`` points at the newest. The distributed optimizer is saved
+``dp_reshardable`` by default (each rank writes its own shard of the fp32 params and Adam moments
+as they lie in its buffers: no gather, no host copy; it reloads only at the layout it was saved
+at) or, with ``--dist-ckpt-optim-fully-reshardable``, ``fully_reshardable`` (gathered into model
+space: any TP/PP/DP reloads it). Saves and loads are fully parallel over the data-parallel ranks
+(megatron-core's FullyParallel wrappers, as Megatron-LM by default); ``--async-save`` writes in a
+forked process while training goes on. A checkpoint is written to ``iter_NNNNNNN.tmp`` and renamed
+once complete (for an async save: at its finalize, after every rank's writer is done), and the
+pointer is replaced atomically after, so a job killed mid-save leaves the previous checkpoint
 current. A checkpoint with model weights only (``tools/convert_checkpoint.py``'s output) loads as a
 fine-tuning start: weights in, iteration 0, fresh optimizer.
 """
@@ -28,13 +34,26 @@ from megatron_qwen.checkpoint import safe_load, save_processes
 from megatron_qwen.checkpoint.finite import require_finite_state
 from megatron_qwen.checkpoint.mcore_io import check_model_shapes
 from megatron_qwen.config import ConfigError, to_dict
+from megatron_qwen.runtime import mcore_version
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_FILE = "config.yaml"
 TRAIN_STATE_KEY = "megatron_qwen_train_state"  # present in common.pt of full training checkpoints
-# The distributed optimizer saves its state per parameter in model space: any layout reloads it.
-SHARDED_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                    "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+LAYOUT_NAMES = {"tensor_model_parallel_size": "TP", "pipeline_model_parallel_size": "PP",
+                "virtual_pipeline_model_parallel_size": "VPP", "data_parallel_size": "DP"}
+LAYOUT_FIELDS = tuple(LAYOUT_NAMES)[:3]  # in the parallel config; DP follows from the world size
+
+
+def sharded_metadata(sharding_type: str) -> dict:
+    """megatron-core's sharded-state-dict metadata; saved as the checkpoint's content metadata,
+    so a load reads the optimizer in the form it was written in."""
+    return {"distrib_optim_sharding_type": sharding_type,
+            "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+
+
+def save_sharding_type(ck) -> str:
+    return FULLY_RESHARDABLE if ck.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
 
 
 def iter_dir(root: os.PathLike, iteration: int) -> Path:
@@ -136,27 +155,49 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def save_checkpoint(root: os.PathLike, iteration: int, model_chunks, optimizer, scheduler,
-                    consumed_samples: int, cfg, keep_last_k: Optional[int] = None) -> Path:
-    """Write ``root/iter_NNNNNNN`` atomically and point the tracker at it. Call on every rank."""
-    root = Path(root)
-    final = iter_dir(root, iteration)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
-        tmp.mkdir()
-    _barrier()
-    save_processes.install()  # megatron-core's save helpers die with this process
-    state = _model_state(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=SHARDED_METADATA)
-    state["rng_state"] = _rng_sharded_object(_rng_state())
-    state["opt_param_scheduler"] = scheduler.state_dict()
-    state["iteration"] = iteration
-    state["consumed_samples"] = consumed_samples
-    state["checkpoint_version"] = 3.0
-    state[TRAIN_STATE_KEY] = {"config": to_dict(cfg), "world_size": torch.distributed.get_world_size()}
-    dist_checkpointing.save(state, str(tmp), content_metadata=dict(SHARDED_METADATA))
+def _dp_group():
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy():
+    """torch_dist, the writes of DP-replicated tensors spread over the DP ranks."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+
+
+def _load_strategy(ckpt: Path):
+    """torch_dist, each DP-replicated tensor read by one DP rank and broadcast to the others."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(ckpt)), _dp_group())
+
+
+_async_queue = None  # megatron-core's AsyncCallsQueue, made at the first --async-save
+
+
+def finalize_async_saves(blocking: bool = True) -> None:
+    """Publish the async saves whose writers are done on every rank (all of them, waiting, with
+    ``blocking``): only then does a checkpoint become ``latest``. Call on every rank; a no-op
+    without async saves."""
+    if _async_queue is not None:
+        _async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def abort_async_saves() -> None:
+    """Kill the writers of unfinished async saves (after an error; no collective, so a rank that
+    fails alone does not hang here): their ``.tmp`` stays unpublished."""
+    global _async_queue
+    if _async_queue is not None:
+        for call in _async_queue.async_calls:  # megatron-core's queue.close(abort=True) leaves
+            call.async_caller.close(abort=True)  # its per-save (forked) writers running
+        _async_queue = None
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int, cfg, keep_last_k) -> None:
+    """Every rank's shards are written: rename ``tmp`` into place and point the tracker at it."""
     _barrier()
     if _rank0():
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -169,7 +210,51 @@ def save_checkpoint(root: os.PathLike, iteration: int, model_chunks, optimizer, 
         (root / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if keep_last_k:
             prune_checkpoints(root, keep_last_k)
+        print(f"saved checkpoint iteration {iteration} to {root}", flush=True)
     _barrier()
+
+
+def save_checkpoint(root: os.PathLike, iteration: int, model_chunks, optimizer, scheduler,
+                    consumed_samples: int, cfg, keep_last_k: Optional[int] = None) -> Path:
+    """Write ``root/iter_NNNNNNN`` atomically and point the tracker at it. Call on every rank.
+
+    With ``cfg.checkpoint.async_save`` this returns once the state is handed to a writer process;
+    the checkpoint is published by a later ``finalize_async_saves`` (the previous async save is
+    always finalized before a new one starts)."""
+    global _async_queue
+    root = Path(root)
+    final = iter_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    asynchronous = cfg.checkpoint.async_save
+    finalize_async_saves(blocking=True)
+    if _rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+        tmp.mkdir()
+    _barrier()
+    save_processes.install()  # megatron-core's save helpers die with this process
+    metadata = sharded_metadata(save_sharding_type(cfg.checkpoint))
+    state = _model_state(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["opt_param_scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["consumed_samples"] = consumed_samples
+    state["checkpoint_version"] = 3.0
+    state[TRAIN_STATE_KEY] = {"config": to_dict(cfg), "world_size": torch.distributed.get_world_size()}
+    extra = mcore_version.async_save_arguments() if asynchronous else {}
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
+                                      async_sharded_save=asynchronous, content_metadata=dict(metadata),
+                                      **extra)
+    if not asynchronous:
+        _publish(root, tmp, final, iteration, cfg, keep_last_k)
+        return final
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    request.add_finalize_fn(lambda: _publish(root, tmp, final, iteration, cfg, keep_last_k))
+    if _async_queue is None:
+        _async_queue = AsyncCallsQueue()
+    _async_queue.schedule_async_request(request)
     return final
 
 
@@ -180,6 +265,35 @@ def prune_checkpoints(root: os.PathLike, keep: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def _saved_sharding_type(common: dict) -> str:
+    """The form the distributed optimizer was saved in (checkpoints written before the content
+    metadata was read are ``fully_reshardable``, as everything was then)."""
+    content = common.get("content_metadata") or {}
+    return content.get("distrib_optim_sharding_type", FULLY_RESHARDABLE)
+
+
+def _layout(parallel: dict, world_size: int) -> dict:
+    """TP, PP, VPP (1 without interleaving) and DP of a run's parallel config group."""
+    layout = {f: parallel.get(f) or 1 for f in LAYOUT_FIELDS}
+    layout["data_parallel_size"] = world_size // (layout["tensor_model_parallel_size"]
+                                                  * layout["pipeline_model_parallel_size"])
+    return layout
+
+
+def _require_saved_layout(root: Path, ckpt: Path, common: dict, cfg) -> None:
+    """A dp_reshardable optimizer state is the saving ranks' buffer shards: refuse another layout
+    with one line, before megatron-core fails deep in the load (or loads the wrong slices)."""
+    saved = _layout(common[TRAIN_STATE_KEY]["config"]["parallel"], common[TRAIN_STATE_KEY]["world_size"])
+    here = _layout(to_dict(cfg.parallel), torch.distributed.get_world_size())
+    if saved != here:
+        def fmt(layout):
+            return " ".join(f"{name}={layout[field]}" for field, name in LAYOUT_NAMES.items())
+        raise ConfigError(
+            f"--load {root}: {ckpt.name} holds the distributed optimizer as dp_reshardable, saved at "
+            f"{fmt(saved)}, and this run is {fmt(here)}; resume at the saved layout and save again "
+            "with --dist-ckpt-optim-fully-reshardable to change it (or pass --no-load-optim)")
 
 
 def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) -> tuple[int, int]:
@@ -209,8 +323,11 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
             raise ConfigError(
                 f"--load {root}: the checkpoint was saved {flag} --use-distributed-optimizer; "
                 f"resume with the same setting (or pass --no-load-optim to start a fresh optimizer)")
+        sharding = _saved_sharding_type(common)
+        if saved_dist and sharding == DP_RESHARDABLE:
+            _require_saved_layout(root, ckpt, common, cfg)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=SHARDED_METADATA)
+                                                          metadata=sharded_metadata(sharding))
     same_layout = False
     if full and not ck.no_load_rng:
         saved = common[TRAIN_STATE_KEY]["config"]["parallel"]
@@ -218,7 +335,8 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
                        and saved["pipeline_model_parallel_size"] == cfg.parallel.pipeline_model_parallel_size)
         if same_layout:
             state["rng_state"] = _rng_sharded_object(None)
-    loaded = safe_load.load(state, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    loaded = safe_load.load(state, ckpt, sharded_strategy=_load_strategy(ckpt),
+                            strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     require_finite_state({k: v for k, v in loaded.items() if k.startswith("model")}, ckpt)
     for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)

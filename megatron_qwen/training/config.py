@@ -112,6 +112,12 @@ class CheckpointConfig:
     no_load_optim: bool = False  # resume without the optimizer state
     no_load_rng: bool = False  # resume without the RNG states
     exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save a checkpoint, then exit cleanly
+    # Saves write in a forked process while training goes on; a checkpoint becomes "latest" only
+    # once every rank's writer has finished (checked each iteration, waited for at exit).
+    async_save: bool = False  # write checkpoints in the background (megatron-core's async save)
+    # The distributed optimizer is saved dp_reshardable (each rank its own shard, reloads only at
+    # the same TP/PP/VPP/DP); this gathers it into model space instead, reloadable at any layout.
+    dist_ckpt_optim_fully_reshardable: bool = False  # save the distributed optimizer for a layout change
 
     def check_save_writable(self) -> None:
         """Create ``save`` now and write a probe file in it: an unwritable directory is a

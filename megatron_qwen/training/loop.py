@@ -371,13 +371,13 @@ def train(cfg) -> list[dict]:
     records: list[dict] = []
     tokens_per_iter = t.global_batch_size * cfg.model.seq_length
 
-    def save():
+    def save(last: bool):
         if ck.save:
             trainer.sync_params()
             ckpt.save_checkpoint(ck.save, trainer.iteration, trainer.model, trainer.optimizer,
                                  trainer.scheduler, trainer.consumed_samples, cfg, ck.keep_last_k)
-            if rank0:
-                print(f"saved checkpoint iteration {trainer.iteration} to {ck.save}", flush=True)
+            if last:  # an async save is complete (and published) before the run stops
+                ckpt.finalize_async_saves(blocking=True)
 
     try:
         data = trainer._iterators(train_ds, trainer.consumed_samples) if trainer.iteration < t.train_iters else None
@@ -417,7 +417,9 @@ def train(cfg) -> list[dict]:
             periodic = ck.save_interval and it % ck.save_interval == 0
             exiting = signalled or (t.exit_interval and it % t.exit_interval == 0)
             if periodic or exiting or it == t.train_iters:
-                save()
+                save(last=exiting or it == t.train_iters)
+            elif ck.async_save:
+                ckpt.finalize_async_saves(blocking=False)  # publish a finished background save
             if exiting:
                 if rank0:
                     why = "signal received" if signalled else f"--exit-interval {t.exit_interval}"
@@ -426,6 +428,10 @@ def train(cfg) -> list[dict]:
     except TrainingStopped as exc:
         if rank0:
             print(f"error: {exc}", flush=True)
+        ckpt.abort_async_saves()
+        raise
+    except BaseException:
+        ckpt.abort_async_saves()  # an unfinished background save stays unpublished (.tmp)
         raise
     finally:
         stop.restore()

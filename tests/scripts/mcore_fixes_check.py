@@ -2,7 +2,8 @@
 runtime.mcore_fixes, in a fresh process with only the CPU redirect (cpu_compat) otherwise.
 
 argv: TMP_DIR. Prints one JSON line: what stock megatron-core raised for a load into a fresh
-optimizer and into a stepped one, and, with the fixes, the step counts and whether a resumed
+optimizer and into a stepped one (fully_reshardable, and dp_reshardable into the stepped one),
+and, with the fixes, the step counts and whether a resumed
 optimizer steps exactly like the one it was saved from.
 """
 
@@ -51,18 +52,18 @@ def step(ddp, opt, seed):
     assert ok
 
 
-def sharded(chunk, opt, loading):
-    from megatron_qwen.training.checkpoint import SHARDED_METADATA
+def sharded(chunk, opt, loading, form="fully_reshardable"):
+    from megatron_qwen.training.checkpoint import sharded_metadata
 
     state = {"model": chunk.sharded_state_dict()}
-    state["optimizer"] = opt.sharded_state_dict(state, is_loading=loading, metadata=SHARDED_METADATA)
+    state["optimizer"] = opt.sharded_state_dict(state, is_loading=loading, metadata=sharded_metadata(form))
     return state
 
 
-def load_into(chunk, opt, path):
+def load_into(chunk, opt, path, form="fully_reshardable"):
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(sharded(chunk, opt, True), path)
+    loaded = dist_checkpointing.load(sharded(chunk, opt, True, form), path)
     chunk.load_state_dict(loaded["model"])
     opt.load_state_dict(loaded["optimizer"])
 
@@ -87,7 +88,7 @@ def main():
     from megatron.core import dist_checkpointing
 
     from megatron_qwen.config import load_model_config
-    from megatron_qwen.training.checkpoint import SHARDED_METADATA
+    from megatron_qwen.training.checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE, sharded_metadata
 
     world()
     model_cfg = load_model_config("tiny_vocab", num_layers=2)
@@ -97,10 +98,15 @@ def main():
     result = {"stock_fresh": error_of(lambda: sharded(chunk, opt, True))}
     for seed in (1, 2):
         step(ddp, opt, seed)
-    dist_checkpointing.save(sharded(chunk, opt, False), path, content_metadata=dict(SHARDED_METADATA))
+    dist_checkpointing.save(sharded(chunk, opt, False), path, content_metadata=sharded_metadata(FULLY_RESHARDABLE))
+    dp_path = os.path.join(sys.argv[1], "ckpt_dp")
+    os.makedirs(dp_path)
+    dist_checkpointing.save(sharded(chunk, opt, False, DP_RESHARDABLE), dp_path,
+                            content_metadata=sharded_metadata(DP_RESHARDABLE))
     stepped = build(model_cfg)
     step(stepped[1], stepped[2], 9)  # a non-empty state: the fresh-state assert is not reached
     result["stock_stepped"] = error_of(lambda: load_into(stepped[0], stepped[2], path))
+    result["stock_dp_reshardable"] = error_of(lambda: load_into(stepped[0], stepped[2], dp_path, DP_RESHARDABLE))
 
     result["applied"] = mcore_fixes.apply()
     result["applied_again"] = mcore_fixes.apply()
@@ -110,9 +116,14 @@ def main():
     result["own_step_tensors"] = len({id(s["step"]) for s in adam_states(opt2)}) == len(adam_states(opt2))
     result["moments_equal"] = all(torch.equal(a[k], b[k]) for a, b in zip(adam_states(opt), adam_states(opt2))
                                   for k in ("exp_avg", "exp_avg_sq"))
+    chunk3, ddp3, opt3 = build(model_cfg)  # the same resume from the dp_reshardable form
+    load_into(chunk3, opt3, dp_path, DP_RESHARDABLE)
+    result["dp_loaded_steps"] = sorted({float(s["step"]) for s in adam_states(opt3)})
     for seed in (3, 4):
         step(ddp, opt, seed)
         step(ddp2, opt2, seed)
+        step(ddp3, opt3, seed)
+    result["dp_params_equal"] = all(torch.equal(a, b) for a, b in zip(chunk.parameters(), chunk3.parameters()))
     result["steps_after"] = sorted({float(s["step"]) for s in adam_states(opt2)})
     result["params_equal"] = all(torch.equal(a, b) for a, b in zip(chunk.parameters(), chunk2.parameters()))
     print(json.dumps(result), flush=True)

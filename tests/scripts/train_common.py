@@ -45,10 +45,12 @@ def losses(path) -> dict[int, float]:
     return {r["iteration"]: r["lm_loss"] for r in read_metrics(path)}
 
 
-def run_trainings(common: list, runs, out: str, only=()) -> None:
+def run_trainings(common: list, runs, out: str, only=(), refused=()) -> None:
     """Train each (name, flags) of ``runs`` in turn in this torchrun launch, ``common`` flags
-    first, metrics to OUT/NAME.jsonl; ``only`` names a subset (debugging). Tears the groups down."""
-    from megatron_qwen.config import load_config
+    first, metrics to OUT/NAME.jsonl; ``only`` names a subset (debugging). A run named in
+    ``refused`` must stop with a ConfigError, whose line goes to OUT/NAME.error. Tears the groups
+    down."""
+    from megatron_qwen.config import ConfigError, load_config
     from megatron_qwen.runtime import destroy, init_distributed
     from megatron_qwen.training.config import PretrainConfig
     from megatron_qwen.training.loop import train
@@ -58,7 +60,15 @@ def run_trainings(common: list, runs, out: str, only=()) -> None:
             continue
         cfg = load_config(PretrainConfig, common + flags + ["--metrics-file", f"{out}/{name}.jsonl"])
         init_distributed(cfg.parallel, seed=cfg.train.seed)
-        train(cfg)
+        if name in refused:
+            try:
+                train(cfg)
+            except ConfigError as exc:
+                Path(out, f"{name}.error").write_text(str(exc))
+            else:
+                raise AssertionError(f"{name}: trained, expected a refusal")
+        else:
+            train(cfg)
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             print(f"done {name}", flush=True)
