@@ -14,9 +14,8 @@ from megatron_qwen.config import ModelConfig, ParallelConfig, load_model_config
 from megatron_qwen.model import build_model, varlen
 from megatron_qwen.runtime import destroy, init_distributed, seed_everything
 from tests.dist import run_torchrun
+from tests.scripts.varlen_common import SEQ, dense_masks, documents, masked_mean, packed_batch
 
-SEQ = 24
-DOCS = [[10, 14], [5, 12, 7]]  # document lengths of the two samples of the micro-batch
 # fp32: the three paths sum the same products in a different order (per-document vs one masked
 # softmax; RoPE at restarted vs absolute positions). Observed: loss <= 7e-8 relative, gradients
 # <= 6.2e-7 of the largest gradient; the bounds are ten times that.
@@ -35,39 +34,16 @@ def tiny():
     return load_model_config("tiny_vocab")
 
 
-def packed_batch(vocab: int, docs=DOCS, seq=SEQ, seed=0):
-    """A collated micro-batch as the SFT dataset ships it (``cu_seqlens``, no mask)."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(docs)
-    return {
-        "tokens": torch.randint(0, vocab, (b, seq), generator=g),
-        "labels": torch.randint(0, vocab, (b, seq), generator=g),
-        "loss_mask": (torch.rand(b, seq, generator=g) < 0.7).float(),
-        "position_ids": torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in docs]),
-        "cu_seqlens": torch.stack([varlen.padded_cu_seqlens(row, seq) for row in docs]),
-    }
-
-
 def model_of(cfg: ModelConfig, **overrides):
     seed_everything(3)
     (model,) = build_model(ModelConfig(**{**cfg.__dict__, **overrides}), ParallelConfig())
     return model
 
 
-def masked_mean(per_token, loss_mask):
-    mask = loss_mask.reshape(-1)
-    return (per_token.reshape(-1) * mask).sum() / mask.sum()
-
-
 def thd_loss(model, batch):
     flat, packed = varlen.thd_micro_batch(batch)
     out = model(flat["tokens"], flat["position_ids"], None, labels=flat["labels"], packed_seq_params=packed)
     return masked_mean(out, flat["loss_mask"])
-
-
-def dense_masks(batch):
-    s = batch["tokens"].size(1)
-    return torch.stack([varlen.block_causal_mask(cu[cu >= 0], s)[None] for cu in batch["cu_seqlens"]])
 
 
 def dense_loss(model, batch):
@@ -78,12 +54,10 @@ def dense_loss(model, batch):
 def separate_loss(model, batch):
     """Every document alone, causal: the sum of its masked token losses over the batch's count."""
     total = 0.0
-    for row, cu in enumerate(batch["cu_seqlens"]):
-        bounds = cu[cu >= 0].tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            tokens = batch["tokens"][row:row + 1, a:b]
-            out = model(tokens, torch.arange(b - a)[None], None, labels=batch["labels"][row:row + 1, a:b])
-            total = total + (out.reshape(-1) * batch["loss_mask"][row, a:b]).sum()
+    for row, a, b in documents(batch):
+        out = model(batch["tokens"][row:row + 1, a:b], torch.arange(b - a)[None], None,
+                    labels=batch["labels"][row:row + 1, a:b])
+        total = total + (out.reshape(-1) * batch["loss_mask"][row, a:b]).sum()
     return total / batch["loss_mask"].sum()
 
 
@@ -144,12 +118,8 @@ def dense_logits(model, batch):
 
 
 def separate_logits(model, batch):
-    out = []
-    for row, cu in enumerate(batch["cu_seqlens"]):
-        bounds = cu[cu >= 0].tolist()
-        out += [model(batch["tokens"][row:row + 1, a:b], torch.arange(b - a)[None], None)[0]
-                for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out)
+    return torch.cat([model(batch["tokens"][row:row + 1, a:b], torch.arange(b - a)[None], None)[0]
+                      for row, a, b in documents(batch)])
 
 
 def test_windows_and_logn_with_packing(world, tiny):
