@@ -6,6 +6,8 @@ the context length by megatron-core's ``GPTDataset``; several corpora are mixed 
 corpora before anything is built (missing files, token ids beyond the vocabulary: one line each),
 and the sampler that deals each global batch out to the data-parallel ranks from the number of
 samples already consumed, so that a resumed run reads exactly the batches it would have read.
+With ``--reset-attention-mask`` each sample also carries its documents' ``cu_seqlens`` (a new
+document after each EOD), which the trainer passes as THD packed sequences: no dense mask.
 """
 
 from __future__ import annotations
