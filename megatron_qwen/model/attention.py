@@ -56,8 +56,8 @@ def check_attention_kernel(backend: str, dtype: torch.dtype, device_type: str,
     """Refuse, before anything is built, every combination the chosen kernel would refuse at its
     first forward: a ConfigError (one line naming the fields) instead of a crash on the GPU.
 
-    ``mask_from`` names the setting that feeds the kernel an explicit attention mask (SFT's
-    block-diagonal packing mask, ``data.reset_attention_mask``), ``dtype_from`` the setting that
+    ``mask_from`` names the setting that feeds the kernel an explicit dense attention mask
+    (none of the built-in tasks: packed documents come as cu_seqlens), ``dtype_from`` the setting that
     chose ``dtype``. Pure: the device and flash availability are arguments, so the GPU case is
     checked on CPU."""
     from megatron_qwen.config import ConfigError
@@ -83,7 +83,7 @@ def check_attention_kernel(backend: str, dtype: torch.dtype, device_type: str,
                           f"{fix.removeprefix('or ')}")
     if mask_from:
         raise ConfigError(f"model.attention_backend=flash is causal-only and {mask_from} feeds it an "
-                          f"explicit attention mask; {fix.removeprefix('or ')} (no varlen flash path yet)")
+                          f"explicit attention mask; {fix.removeprefix('or ')} (packed documents take flash_attn_varlen_func when they come as cu_seqlens)")
 
 
 def causal_mask(sq: int, sk: int, device) -> torch.Tensor:

@@ -203,19 +203,33 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex(q, k, v, cu_seqlens, scale: float, window: Optional[int] = None, dropout_p: float = 0.0):
-    """FlexAttention with a document (+ causal, + window) BlockMask; compiled on CUDA (eager
-    elsewhere, where it materialises the scores and has no backward on CPU)."""
-    if dropout_p:
-        raise ValueError("FlexAttention has no attention dropout")
-    t = q.size(0)
+_BLOCK_MASKS: dict = {}  # (window, t) -> (cu_seqlens, BlockMask) of the micro-batch in flight
+
+
+def _block_mask(cu_seqlens, t: int, window: Optional[int]):
+    """The document BlockMask, built once per micro-batch and window (every layer of a forward
+    gets the same cu_seqlens tensor; the cache holds it, so its identity is not reused)."""
+    key = (window, t)
+    cached = _BLOCK_MASKS.get(key)
+    if cached is not None and cached[0] is cu_seqlens:
+        return cached[1]
     doc = document_ids(cu_seqlens, t)
 
     def mask_mod(b, h, qi, ki):
         keep = (doc[qi] == doc[ki]) & (qi >= ki)
         return keep if window is None else keep & (qi - ki < window)
 
-    block = create_block_mask(mask_mod, None, None, t, t, device=q.device)
+    block = create_block_mask(mask_mod, None, None, t, t, device=cu_seqlens.device)
+    _BLOCK_MASKS[key] = (cu_seqlens, block)
+    return block
+
+
+def flex(q, k, v, cu_seqlens, scale: float, window: Optional[int] = None, dropout_p: float = 0.0):
+    """FlexAttention with a document (+ causal, + window) BlockMask; compiled on CUDA (eager
+    elsewhere, where it materialises the scores and has no backward on CPU)."""
+    if dropout_p:
+        raise ValueError("FlexAttention has no attention dropout")
+    block = _block_mask(cu_seqlens, q.size(0), window)
     fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     out = fn(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=block, scale=scale,
              enable_gqa=k.size(1) != q.size(1))
