@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_qwen.data.sft import SFTDataArgs, SFTDataset, load_conversations, pack
+from megatron_qwen.model.varlen import block_causal_mask
 from megatron_qwen.tokenizer import load_tokenizer, render_chatml
 
 CONVERSATIONS = [
@@ -55,25 +56,25 @@ def test_only_assistant_tokens_carry_loss(tok, sft_file):
     assert found == 1 and len(ds) == len(CONVERSATIONS)
 
 
-def test_packing_layout_positions_and_block_diagonal_mask(tok, sft_file):
+def test_packing_layout_positions_and_document_boundaries(tok, sft_file):
     s = 128
     ds = SFTDataset(sft_file, tok, seq_length=s, packing=True, seed=3)
     assert len(ds) < len(CONVERSATIONS)  # several conversations share a sample
     assert sorted(i for b in ds.samples for i in b) == list(range(len(CONVERSATIONS)))
     for idx in range(len(ds)):
         sample = ds[idx]
-        assert sample["tokens"].shape == (s,) and sample["attention_mask"].shape == (1, s, s)
-        assert sample["attention_mask"].dtype == torch.bool
-        pos, mask = sample["position_ids"].tolist(), sample["attention_mask"][0]
+        assert "attention_mask" not in sample  # no [s, s] mask through the DataLoader
+        assert sample["tokens"].shape == (s,) and sample["cu_seqlens"].shape == (s + 1,)
+        assert sample["cu_seqlens"].dtype == torch.int32
+        pos, cu = sample["position_ids"].tolist(), sample["cu_seqlens"].tolist()
         starts = [0]
         for k in ds.samples[idx]:
             n = ds.conversations[k].positions
             assert pos[starts[-1] : starts[-1] + n] == list(range(n))
             starts.append(starts[-1] + n)
-        blocks = list(zip(starts, starts[1:])) + [(starts[-1], s)]
-        for a, b in blocks:  # causal inside a block, masked (True) everywhere outside it
-            for i in range(a, b):
-                assert not mask[i, a : i + 1].any() and mask[i, i + 1 :].all() and mask[i, :a].all()
+        if starts[-1] < s:  # the padding tail is a document of its own
+            starts.append(s)
+        assert cu == starts + [-1] * (s + 1 - len(starts))
         assert not torch.isnan(sample["loss_mask"]).any()
 
 
@@ -89,9 +90,11 @@ def test_packed_sample_equals_separate_runs_of_a_real_model(tok, sft_file):
     ds = SFTDataset(sft_file, tok, seq_length=128, packing=True, seed=3)
     idx = max(range(len(ds)), key=lambda i: len(ds.samples[i]))
     sample = ds[idx]
+    cu = sample["cu_seqlens"]
+    mask = block_causal_mask(cu[cu >= 0], 128)  # what the dense fallback builds from cu_seqlens
     with torch.no_grad():
         packed = model(input_ids=sample["tokens"][None], position_ids=sample["position_ids"][None],
-                       attention_mask=~sample["attention_mask"][None]).logits[0]  # HF: True = attend
+                       attention_mask=~mask[None, None]).logits[0]  # HF: True = attend
         offset = 0
         for k in ds.samples[idx]:
             conv = ds.conversations[k]

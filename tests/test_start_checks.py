@@ -53,10 +53,6 @@ def _cfg(**groups):
 
 
 @pytest.mark.parametrize("groups, needle", [
-    ({"train": {"task": "sft"}, "sft": {"sft_data_path": "x.jsonl"}}, "train.task=sft (sft.sft_packing=true)"),
-    ({"train": {"task": "sft"}, "sft": {"sft_data_path": "x.jsonl", "sft_packing": False}},
-     "train.task=sft (sft.sft_packing=false)"),
-    ({"data": {"reset_attention_mask": True}}, "data.reset_attention_mask=true"),
     ({"optim": {"bf16": False}}, "computes in float32 (optim.bf16=false)"),
 ])
 def test_trainer_config_refuses_what_flash_refuses_on_a_gpu(groups, needle):
@@ -65,6 +61,18 @@ def test_trainer_config_refuses_what_flash_refuses_on_a_gpu(groups, needle):
         _cfg(**groups).check_kernels(on_gpu=True, flash_available=True)
     assert needle in str(exc.value)
     _cfg(model={"attention_backend": "sdpa"}, **groups).check_kernels(on_gpu=True, flash_available=True)
+
+
+@pytest.mark.parametrize("groups", [
+    {"train": {"task": "sft"}, "sft": {"sft_data_path": "x.jsonl"}},
+    {"train": {"task": "sft"}, "sft": {"sft_data_path": "x.jsonl", "sft_packing": False}},
+    {"data": {"reset_attention_mask": True}},
+])
+def test_packed_documents_run_on_flash(groups):
+    """Separated documents reach the attention as cu_seqlens (flash_attn_varlen_func), no mask."""
+    cfg = _cfg(**groups)
+    assert cfg.packs_documents() and cfg.attention_mask_source() is None
+    cfg.check_kernels(on_gpu=True, flash_available=True)
 
 
 def test_compute_dtype_follows_the_trainer():

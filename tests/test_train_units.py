@@ -102,6 +102,35 @@ def test_blend_weights_give_sample_counts_within_one_percent(tmp_path, world_of_
     assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # next-token targets
 
 
+def test_reset_attention_mask_ships_cu_seqlens_equal_to_megatrons_mask(tmp_path, world_of_one):
+    """--reset-attention-mask: no dense mask through the DataLoader; the documents' cu_seqlens
+    give megatron-core's own per-document mask and (as THD) its reset position ids."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from megatron_qwen.data.pretrain import build_pretrain_datasets, split_sizes
+    from megatron_qwen.model.varlen import block_causal_mask, thd_micro_batch
+
+    rng = numpy.random.default_rng(1)
+    # documents end with the EOD token, as tools/preprocess_data.py writes them
+    _write(str(tmp_path / "web"), [[*rng.integers(0, 900, rng.integers(3, 40)), 999] for _ in range(200)])
+    cfg = _cfg(data={"data_path": [str(tmp_path / "web")], "data_cache_path": str(tmp_path / "cache"),
+                     "eod_id": 999, "reset_attention_mask": True, "split": "1,0,0"},
+               train={"train_iters": 4, "global_batch_size": 2})
+    assert cfg.packs_documents()
+    train = build_pretrain_datasets(cfg, split_sizes(4, 2, None, 1))[0]
+    batch = torch.utils.data.default_collate([train[i] for i in range(2)])
+    assert "attention_mask" not in batch
+    flat, packed = thd_micro_batch(batch)
+    s = cfg.model.seq_length
+    assert packed.cu_seqlens_q.numel() > 4  # several documents per sample
+    for row in range(2):
+        tokens = batch["tokens"][row]
+        mask, _, positions = _get_ltor_masks_and_position_ids(tokens, 999, True, True, False, True)
+        cu = batch["cu_seqlens"][row]
+        assert torch.equal(block_causal_mask(cu[cu >= 0], s), mask[0])
+        assert torch.equal(flat["position_ids"][0, row * s:(row + 1) * s], positions)
+
+
 def test_sampler_deals_each_global_batch_once_and_resumes_in_place():
     from megatron_qwen.data.pretrain import PretrainingSampler
 

@@ -6,6 +6,8 @@ the context length by megatron-core's ``GPTDataset``; several corpora are mixed 
 corpora before anything is built (missing files, token ids beyond the vocabulary: one line each),
 and the sampler that deals each global batch out to the data-parallel ranks from the number of
 samples already consumed, so that a resumed run reads exactly the batches it would have read.
+With ``--reset-attention-mask`` each sample also carries its documents' ``cu_seqlens`` (a new
+document after each EOD), which the trainer passes as THD packed sequences: no dense mask.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_qwen.config import ConfigError
+from megatron_qwen.model.varlen import padded_cu_seqlens
 
 # Above this many tokens a corpus is checked on evenly spaced windows instead of read whole.
 FULL_SCAN_TOKENS = 256 * 2**20
@@ -122,11 +125,40 @@ def build_pretrain_datasets(cfg, sizes: list[int], eod_id: Optional[int] = None)
         reset_position_ids=cfg.data.reset_position_ids,
         reset_attention_mask=cfg.data.reset_attention_mask,
         eod_mask_loss=cfg.data.eod_mask_loss,
-        # the causal mask is made by the attention kernel unless documents are separated
-        create_attention_mask=cfg.data.reset_attention_mask,
+        # never a dense mask: separated documents go to the attention as cu_seqlens (THD)
+        create_attention_mask=False,
     )
     # Every rank builds (rank 0 first, writing the index cache); no broadcast of batches needed.
-    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config).build()
+    splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config).build()
+    if not cfg.data.reset_attention_mask:
+        return splits
+    return [None if ds is None else DocumentBoundaries(ds, eod_id) for ds in splits]
+
+
+def document_lengths(tokens: torch.Tensor, eod_id: int) -> list[int]:
+    """Lengths of the documents of one sample: a new one starts after each EOD token (megatron's
+    ``reset_attention_mask`` rule in ``GPTDataset``)."""
+    ends = (tokens == eod_id).nonzero().flatten().add(1).tolist()
+    bounds = [0] + [e for e in ends if e < tokens.numel()] + [tokens.numel()]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class DocumentBoundaries(torch.utils.data.Dataset):
+    """GPTDataset samples with their documents' ``cu_seqlens`` (``--reset-attention-mask``):
+    the trainer passes them to the model as THD packed sequences (model/varlen.py)."""
+
+    def __init__(self, dataset, eod_id: int):
+        self.dataset, self.eod_id = dataset, eod_id
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        sample = dict(self.dataset[idx])
+        sample.pop("attention_mask", None)
+        tokens = sample["tokens"]
+        sample["cu_seqlens"] = padded_cu_seqlens(document_lengths(tokens, self.eod_id), tokens.numel())
+        return sample
 
 
 class PretrainingSampler:

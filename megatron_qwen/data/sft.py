@@ -7,16 +7,17 @@ and its ``<|im_end|>``). Lines that cannot be used are skipped, counted by reaso
 under ``drop``, ...).
 
 A sample is what megatron-core's ``GPTModel.forward`` takes, as ``GPTDataset`` produces it:
-``tokens``, ``labels`` (the next token), ``loss_mask`` (float), ``position_ids`` and a boolean
-``attention_mask`` of shape [1, s, s] where True means *masked out*.
+``tokens``, ``labels`` (the next token), ``loss_mask`` (float), ``position_ids``, and the
+document boundaries as ``cu_seqlens`` (int32 ``[s + 1]``, padded with -1; the trainer turns a
+micro-batch into megatron-core's ``PackedSeqParams``, model/varlen.py), never a dense mask.
 
 Packing (default): conversations, in a seeded random order, are placed first-fit into
 ``seq_length`` bins (looking back over the last ``PACK_LOOKBACK`` open bins). Inside a bin,
-position ids restart at 0 for each conversation and the attention mask is block-diagonal causal,
-so packed conversations never see each other; a conversation's last token predicts nothing (no
-label crosses a boundary). The unused tail is padding with ``<|endoftext|>``, zero loss, and its
-own causal block (a fully masked row would make softmax NaN). With packing off, every
-conversation is one padded sample.
+position ids restart at 0 for each conversation and each conversation is its own document of
+the varlen attention, so packed conversations never see each other; a conversation's last token
+predicts nothing (no label crosses a boundary). The unused tail is padding with
+``<|endoftext|>``, zero loss, and its own document. With packing off, every conversation is one
+padded sample (two documents: the conversation and its padding).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from megatron_qwen.model.varlen import padded_cu_seqlens
 from megatron_qwen.tokenizer import DEFAULT_SYSTEM_PROMPT, ChatMLError, QwenTokenizer, render_chatml
 
 PACK_LOOKBACK = 64
@@ -179,14 +181,6 @@ def pack(lengths: Sequence[int], capacity: int, lookback: int = PACK_LOOKBACK) -
     return bins
 
 
-def block_causal_mask(segments: np.ndarray) -> torch.Tensor:
-    """[1, s, s] bool, True = masked out: token i sees j only if j <= i in the same segment."""
-    seg = torch.from_numpy(segments)
-    same = seg[:, None] == seg[None, :]
-    causal = torch.ones(len(seg), len(seg), dtype=torch.bool).tril_()
-    return (~(same & causal)).unsqueeze(0)
-
-
 class SFTDataset(torch.utils.data.Dataset):
     """Packed (or padded) SFT samples; deterministic given ``seed``."""
 
@@ -228,24 +222,26 @@ class SFTDataset(torch.utils.data.Dataset):
         labels = np.full(s, self.pad_id, np.int64)
         loss_mask = np.zeros(s, np.float32)
         position_ids = np.zeros(s, np.int64)
-        segments = np.full(s, len(self.samples[idx]), np.int64)  # the padding tail's own block
+        lengths = []
         offset = 0
-        for k, ci in enumerate(self.samples[idx]):
+        for ci in self.samples[idx]:
             conv = self.conversations[ci]
             n = conv.positions
             tokens[offset : offset + n] = conv.ids[:-1]
             labels[offset : offset + n] = conv.ids[1:]
             loss_mask[offset : offset + n] = conv.loss_mask[1:]
             position_ids[offset : offset + n] = np.arange(n)
-            segments[offset : offset + n] = k
+            lengths.append(n)
             offset += n
         position_ids[offset:] = np.arange(s - offset)
+        if offset < s:
+            lengths.append(s - offset)  # the padding tail is a document of its own
         return {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
-            "attention_mask": block_causal_mask(segments),
+            "cu_seqlens": padded_cu_seqlens(lengths, s),
         }
 
     @property

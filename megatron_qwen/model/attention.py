@@ -12,6 +12,12 @@ Backends:
 - ``flash``   flash_attn.flash_attn_func (GPU, fp16/bf16), causal only.
 - ``unfused`` plain matmul + FP32 softmax: the readable reference.
 
+Packed documents come as megatron-core's ``PackedSeqParams`` (``qkv_format="thd"``, one
+``cu_seqlens``) instead of a mask; ``model/varlen.py`` holds that contract, its per-document
+reference and the kernels (flash-attn varlen, FlexAttention, a block mask built on the device),
+chosen per device and dtype and logged once. A dense ``attention_mask`` is still honoured as the
+fallback for data that ships one.
+
 The module knows its layer number and the whole config, so the long-context pieces of report
 section 2.5 (LogN query scaling past the training length, a window per layer) are additions to
 ``_prepare`` / the mask here, selected by config fields, not new modules.
@@ -30,7 +36,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_qwen.model.long_context import layer_window, logn_factors, window_mask
+from megatron_qwen.model import varlen
+from megatron_qwen.model.long_context import layer_window, logn_at, logn_factors, window_mask
 from megatron_qwen.model.transformer_config import QwenTransformerConfig
 
 try:  # flash-attn is a GPU extra; the error is raised at build time if it is asked for
@@ -49,8 +56,8 @@ def check_attention_kernel(backend: str, dtype: torch.dtype, device_type: str,
     """Refuse, before anything is built, every combination the chosen kernel would refuse at its
     first forward: a ConfigError (one line naming the fields) instead of a crash on the GPU.
 
-    ``mask_from`` names the setting that feeds the kernel an explicit attention mask (SFT's
-    block-diagonal packing mask, ``data.reset_attention_mask``), ``dtype_from`` the setting that
+    ``mask_from`` names the setting that feeds the kernel an explicit dense attention mask
+    (none of the built-in tasks: packed documents come as cu_seqlens), ``dtype_from`` the setting that
     chose ``dtype``. Pure: the device and flash availability are arguments, so the GPU case is
     checked on CPU."""
     from megatron_qwen.config import ConfigError
@@ -76,7 +83,7 @@ def check_attention_kernel(backend: str, dtype: torch.dtype, device_type: str,
                           f"{fix.removeprefix('or ')}")
     if mask_from:
         raise ConfigError(f"model.attention_backend=flash is causal-only and {mask_from} feeds it an "
-                          f"explicit attention mask; {fix.removeprefix('or ')} (no varlen flash path yet)")
+                          f"explicit attention mask; {fix.removeprefix('or ')} (packed documents take flash_attn_varlen_func when they come as cu_seqlens)")
 
 
 def causal_mask(sq: int, sk: int, device) -> torch.Tensor:
@@ -186,6 +193,41 @@ class QwenCoreAttention(MegatronModule):
         )
         return out.transpose(1, 2)
 
+    # ------------------------------------------------------------------ packed (THD)
+
+    def _packed(self, query, key, value, attention_mask, packed):
+        """Packed documents (model/varlen.py): q [t, np, hn], k, v [t, ng, hn] -> [t, np * hn],
+        with the kernel chosen for this device and dtype; LogN scales each query by its position
+        inside its own document, the layer window applies inside each document."""
+        if packed.qkv_format != "thd":
+            raise ValueError(f"packed_seq_params.qkv_format={packed.qkv_format!r}: QwenCoreAttention takes thd")
+        if attention_mask is not None:
+            raise ValueError("packed sequences carry their documents in packed_seq_params.cu_seqlens; "
+                             "pass attention_mask=None with them")
+        cu = packed.cu_seqlens_q
+        kv = packed.cu_seqlens_kv
+        if packed.cu_seqlens_q_padded is not None or (kv is not None and kv is not cu and not torch.equal(kv, cu)):
+            raise ValueError("QwenCoreAttention takes self-attention THD with one cu_seqlens and no padding")
+        t = query.size(0)
+        train_length = self.config.training_seq_length
+        max_seqlen = packed.max_seqlen_q
+        if (getattr(self.config, "use_logn_attn", False) and not self.training
+                and (max_seqlen is None or max_seqlen > train_length)):
+            pos = varlen.positions_in_documents(cu, t)
+            factors = logn_at(pos, train_length)
+            query = query * factors.to(query.dtype)[:, None, None]
+        kernel, why = varlen.select_kernel(
+            self.backend, query.device.type, query.dtype, self.head_dim,
+            self.dropout_p if self.training else 0.0,
+            flash_available=varlen.flash_attn_varlen_func is not None,
+            flex_available=varlen.flex_attention is not None)
+        varlen.log_selection(kernel, why)
+        self.last_packed_kernel = kernel
+        with self._dropout_rng():
+            out = varlen.run_kernel(kernel, query, key, value, cu, self.softmax_scale, self._window(),
+                                    self.dropout_p if self.training else 0.0, max_seqlen)
+        return out.reshape(t, self.heads_per_partition * self.head_dim)
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -198,9 +240,10 @@ class QwenCoreAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("QwenCoreAttention takes neither attention_bias nor packed_seq_params; "
-                             "pass packed sequences as a block-diagonal boolean attention_mask")
+        if attention_bias is not None:
+            raise ValueError("QwenCoreAttention takes no attention_bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, attention_mask, packed_seq_params)
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             raise ValueError(f"attention_mask must be boolean (True = masked), got {attention_mask.dtype}")
         sq, b = query.shape[:2]

@@ -107,10 +107,15 @@ class QwenRotaryEmbedding(RotaryEmbedding):
 def logn_factors(start: int, end: int, train_length: int, device=None) -> torch.Tensor:
     """FP32 factors for 0-based positions [start, end): log(p + 1) / log(L_train) past the
     training length, 1 before it (the released ``logn_list`` indexed by position)."""
-    positions = torch.arange(start + 1, end + 1, dtype=torch.float64, device=device)
-    factors = torch.where(positions > train_length,
-                          torch.log(positions) / math.log(train_length),
-                          torch.ones_like(positions))
+    return logn_at(torch.arange(start, end, device=device), train_length)
+
+
+def logn_at(positions: torch.Tensor, train_length: int) -> torch.Tensor:
+    """FP32 LogN factors at arbitrary 0-based positions (packed documents: each token's position
+    inside its own document)."""
+    counts = positions.to(torch.float64) + 1
+    factors = torch.where(counts > train_length, torch.log(counts) / math.log(train_length),
+                          torch.ones_like(counts))
     return factors.float()
 
 

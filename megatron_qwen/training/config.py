@@ -218,12 +218,14 @@ class PretrainConfig:
 
         return torch.bfloat16 if self.optim.bf16 and on_gpu else torch.float32
 
+    def packs_documents(self) -> bool:
+        """Whether samples hold several documents kept apart: they carry ``cu_seqlens`` and go
+        to the model as THD packed sequences (SFT, packed or padded; --reset-attention-mask)."""
+        return self.train.task == "sft" or self.data.reset_attention_mask
+
     def attention_mask_source(self) -> Optional[str]:
-        """The setting that makes the data carry an explicit attention mask, or None (causal)."""
-        if self.train.task == "sft":  # data/sft.py: block-diagonal causal, packed or padded
-            return f"train.task=sft (sft.sft_packing={str(self.sft.sft_packing).lower()})"
-        if self.data.reset_attention_mask:
-            return "data.reset_attention_mask=true"
+        """The setting that makes the data carry an explicit attention mask, or None. None for
+        every built-in task: separated documents go as cu_seqlens (model/varlen.py)."""
         return None
 
     def check_kernels(self, on_gpu: bool, flash_available: bool) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from megatron_qwen.config import ConfigError, dumps, to_dict
 from megatron_qwen.model.attention import flash_attn_func
+from megatron_qwen.model.varlen import packed_to_device, thd_micro_batch
 from megatron_qwen.runtime.collectives import all_reduce_scalars
 from megatron_qwen.training import checkpoint as ckpt
 from megatron_qwen.training import metrics as mx
@@ -183,13 +184,18 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
+    """One micro-batch. Packed documents (a ``cu_seqlens`` in the batch: SFT, pretraining with
+    --reset-attention-mask) go as one THD row with megatron-core's PackedSeqParams."""
     batch = next(data_iterator)
     dev = _device()
-    tokens = batch["tokens"].to(dev, non_blocking=True)
+    packed = None
+    if "cu_seqlens" in batch:
+        batch, packed = thd_micro_batch(batch)
+        packed = packed_to_device(packed, dev)
     mask = batch.get("attention_mask")
-    output = model(tokens, batch["position_ids"].to(dev, non_blocking=True),
+    output = model(batch["tokens"].to(dev, non_blocking=True), batch["position_ids"].to(dev, non_blocking=True),
                    None if mask is None else mask.to(dev, non_blocking=True),
-                   labels=batch["labels"].to(dev, non_blocking=True))
+                   labels=batch["labels"].to(dev, non_blocking=True), packed_seq_params=packed)
     return output, partial(_loss_func, batch["loss_mask"].to(dev, non_blocking=True))
 
 
@@ -249,6 +255,15 @@ class Trainer:
         self.consumed_samples = 0
         self.guard = SkipGuard(cfg.train.max_skipped_iters_in_a_row)
 
+    @property
+    def schedule_shape(self) -> dict:
+        """The schedule's activation shape: [s, b, h], or with packed documents one THD row of
+        b * s tokens ([b * s, 1, h], what the pipeline stages send each other)."""
+        s, b = self.cfg.model.seq_length, self.cfg.train.micro_batch_size
+        if self.cfg.packs_documents():
+            return {"seq_length": s * b, "micro_batch_size": 1}
+        return {"seq_length": s, "micro_batch_size": b}
+
     # -- data
     def _iterators(self, dataset, consumed: int):
         from megatron_qwen.data.pretrain import build_data_iterator
@@ -266,8 +281,7 @@ class Trainer:
         self.optimizer.zero_grad()
         losses = self.forward_backward(
             forward_step_func=_forward_step, data_iterator=data_iterator, model=self.model,
-            num_microbatches=self.num_micro, seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
+            num_microbatches=self.num_micro, **self.schedule_shape, forward_only=False)
         loss = _mean_loss(losses, self.cfg.train.calculate_per_token_loss)
         # one flag for the loss and the gradients, agreed by every rank before the step; the
         # step computes the (all-reduced) grad norm once, for clipping, and returns it
@@ -312,8 +326,7 @@ class Trainer:
         for _ in range(n_batches):
             losses = self.forward_backward(
                 forward_step_func=_forward_step, data_iterator=it, model=self.model,
-                num_microbatches=self.num_micro, seq_length=self.cfg.model.seq_length,
-                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+                num_microbatches=self.num_micro, **self.schedule_shape, forward_only=True)
             loss = _mean_loss(losses, self.cfg.train.calculate_per_token_loss)
             if loss is not None:
                 total, count = total + loss, count + 1
