@@ -81,7 +81,13 @@ def make_ds_config(*, micro_batch_size: int, global_batch_size: int, world_size:
     if zero_stage == 3:
         # export gathers 16-bit (or fp32) weights; small params stay whole to save gathers
         zero.update(stage3_gather_16bit_weights_on_model_save=True,
-                    stage3_param_persistence_threshold=10_000)
+                    stage3_param_persistence_threshold=10_000,
+                    # zero.Init otherwise replaces torch.nn.functional.linear, for the rest of the
+                    # process and every model in it, by an autograd.Function (matmul + bias, a
+                    # signature bind per call): half of a ZeRO-3 decode step's time on CPU
+                    # (bench/ppo_step.py --profile). ZeRO-3 re-gathers a module's parameters
+                    # before its backward, so the plain linear is correct (the parity tests)
+                    memory_efficient_linear=False)
     if offload_optimizer and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_param:
