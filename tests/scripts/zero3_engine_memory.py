@@ -6,7 +6,7 @@ A small causal LM is built partitioned (``zero3_construction``), then wrapped in
 rank while building them must be at most one rank's partition plus the largest parameter: no
 whole-model buffer (DeepSpeed's default reduce bucket, 5e8 elements, is one: 2 GB fp32 allocated
 whole, filled with whole gradients in backward), and the inference engine holds no optimizer
-state.
+state. Building under zero.Init leaves ``torch.nn.functional.linear`` as it was.
 
 usage: zero3_engine_memory.py OUT_DIR
 """
@@ -25,6 +25,7 @@ from megatron_qwen.rlhf import hf_model  # noqa: E402
 from megatron_qwen.rlhf.deepspeed_config import (init_distributed, init_inference_engine,  # noqa: E402
                                                  init_train_engine, make_ds_config, zero3_construction)
 
+PLAIN_LINEAR = torch.nn.functional.linear  # before any zero.Init
 MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
@@ -42,6 +43,8 @@ def main() -> None:
                             train=train)
         with zero3_construction(ds):
             model = hf_model.load_causal_lm(out / "model")
+        # zero.Init leaves torch's linear alone (memory_efficient_linear off): no process-wide swap
+        assert torch.nn.functional.linear is PLAIN_LINEAR, torch.nn.functional.linear
         params = list(model.parameters())
         full = sum(p.ds_numel for p in params)
         local = sum(p.ds_tensor.numel() for p in params)
