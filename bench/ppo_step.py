@@ -20,6 +20,7 @@ tokens/s and the ratios. Run it on 2 gloo processes:
     torchrun --nproc-per-node 2 bench/ppo_step.py [--steps 6] [--prompts-per-step 8] [--max-new-tokens 32]
     python bench/ppo_step.py ...     # one process (the ZeRO-3 part then gathers from one rank)
     torchrun --nproc-per-node 2 bench/ppo_step.py --zero3-only   # only the ZeRO-3 rollout part
+    torchrun --nproc-per-node 2 bench/ppo_step.py --zero3-only --profile 25   # + where it spends time
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--zero3-prompt-length", type=int, default=32)
     ap.add_argument("--zero3-vocab", type=int, default=8192)
     ap.add_argument("--zero3-only", action="store_true", help="only the ZeRO-3 rollout part")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the ZeRO-3 timings, cProfile one micro-batched rollout on rank 0 and "
+                         "print its N most expensive functions (own time)")
     args = ap.parse_args()
 
     import ppo_tiny
@@ -203,6 +207,16 @@ def zero3_rollout(args, root: Path, best, say) -> None:
     say(f"  ratio after / before (one batch)                    {new_tps / old_tps:8.2f}")
     say(f"  ratio after / before (micro-batches)                {micro_tps / old_tps:8.2f}")
     say(f"  same token ids on every rank: {same}")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        new(args.zero3_micro_batch)()
+        profiler.disable()
+        if rank == 0:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     if not same:
         raise SystemExit("ZeRO-3 rollout: the new path sampled other tokens than the old one")
 

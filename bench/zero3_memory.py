@@ -1,19 +1,25 @@
 #!/usr/bin/env python
-"""Peak host memory per rank while a ZeRO-3 reward-model engine is built, before and after the
-model is constructed partitioned (``deepspeed_config.zero3_construction``), CPU, gloo.
+"""Peak host memory per rank of ZeRO-3 engines, CPU, gloo: built whole vs partitioned at
+construction (``deepspeed_config.zero3_construction``), and DeepSpeed's reduce bucket vs one
+sized to a partition (``deepspeed_config.zero3_buffer_sizes``).
 
-A random Qwen2 of a few hundred MB (fp32, ``--hidden``/``--layers``/``--vocab``) is written to a
-temporary directory, then two ``torchrun --nproc-per-node N`` runs build the reward-model
-trainer's engine from it (``hf_model.load_with_head`` + ``init_train_engine``, ZeRO-3):
+A random Qwen2 of a few hundred MB (``--hidden``/``--layers``/``--vocab``, saved in bf16 like
+Qwen's checkpoints, loaded in fp32) is written to a temporary directory, then one
+``torchrun --nproc-per-node N`` run per mode builds, on every rank, PPO's reward engine
+(``load_with_head`` + ``init_inference_engine``: no optimizer), then the reward-model trainer's
+engine (``init_train_engine``) and runs one training step:
 
-    full         the model built whole on every rank, partitioned by ``deepspeed.initialize``
-                 (what rlhf/reward_trainer.py did before)
-    partitioned  built under ``HfDeepSpeedConfig`` / ``zero.Init`` (what it does now, and PPO's
-                 four engines)
+    full         models built whole on every rank, partitioned by ``deepspeed.initialize``, with
+                 DeepSpeed's 5e8-element reduce bucket (what the trainers did first)
+    partitioned  built under ``HfDeepSpeedConfig`` / ``zero.Init``, DeepSpeed's reduce bucket
+    sized        built partitioned, reduce bucket of at most one partition (what they do now)
 
-Each rank reports its peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``: every page the
-process touched, including the safetensors file pages it mapped) and the same peak minus the
-resident set after ``import``/process-group start, plus its share of the parameters' elements.
+Each rank reports its resident-set peak (``getrusage(RUSAGE_SELF).ru_maxrss``: every page the
+process touched, including the safetensors file pages it mapped) minus the one after imports and
+process-group start, after the reward engine and after the training step; the tracked tensor
+peak (``memory_plan.measure.PeakAllocations``: allocations, touched or not, as a GPU would hold
+them) of the training engine's construction and step, and its largest single tensor; and its
+share of the parameters' elements.
 
     python bench/zero3_memory.py [--nproc 2] [--hidden 1024] [--layers 12] [--vocab 32000]
 """
@@ -34,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("full", "partitioned")
+MODES = ("full", "partitioned", "sized")
 
 
 def peak_rss_mib() -> float:
@@ -45,8 +51,10 @@ def worker(mode: str, model_dir: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from megatron_qwen.memory_plan.measure import PeakAllocations
     from megatron_qwen.rlhf import hf_model
-    from megatron_qwen.rlhf.deepspeed_config import (init_distributed, init_train_engine,
+    from megatron_qwen.rlhf.deepspeed_config import (DEFAULT_REDUCE_BUCKET, init_distributed,
+                                                     init_inference_engine, init_train_engine,
                                                      make_ds_config, zero3_construction)
 
     torch.set_num_threads(1)
@@ -55,16 +63,37 @@ def worker(mode: str, model_dir: str, out_dir: str) -> None:
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
     rank, world = dist.get_rank(), dist.get_world_size()
     start = peak_rss_mib()
-    ds = make_ds_config(micro_batch_size=1, global_batch_size=world, world_size=world, zero_stage=3)
-    if mode == "partitioned":
+
+    def config(train: bool) -> dict:
+        ds = make_ds_config(micro_batch_size=1, global_batch_size=world, world_size=world, zero_stage=3,
+                            train=train)
+        if mode != "sized":  # DeepSpeed's own reduce bucket, as before
+            ds["zero_optimization"]["reduce_bucket_size"] = DEFAULT_REDUCE_BUCKET
+        return ds
+
+    def build(ds):
+        if mode == "full":
+            return hf_model.load_with_head(model_dir)
         with zero3_construction(ds):
-            model = hf_model.load_with_head(model_dir)
-    else:
-        model = hf_model.load_with_head(model_dir)
-    engine = init_train_engine(model, ds, lr=1e-5)
-    params = list(engine.module.parameters())
+            return hf_model.load_with_head(model_dir)
+
+    # the reward engine (inference), then the reward-model trainer's engine and one step
+    ds = config(train=False)
+    reward = init_inference_engine(build(ds), ds)
+    after_inference = peak_rss_mib()
+    ds = config(train=True)
+    model = build(ds)
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(rank))
+    with PeakAllocations() as tracked:
+        engine = init_train_engine(model, ds, lr=1e-5)
+        loss = engine(ids).float().mean()
+        engine.backward(loss)
+        engine.step()
+    params = list(engine.module.parameters()) + list(reward.module.parameters())
     local = sum(p.ds_tensor.numel() for p in params) / sum(p.ds_numel for p in params)
-    result = {"mode": mode, "rank": rank, "world": world, "peak_mib": peak_rss_mib(), "start_mib": start,
+    result = {"mode": mode, "rank": rank, "world": world, "start_mib": start,
+              "inference_mib": after_inference, "peak_mib": peak_rss_mib(),
+              "tracked_mib": tracked.peak / 2**20, "largest_mib": tracked.largest / 2**20,
               "local_share": local}
     (Path(out_dir) / f"{mode}_rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
@@ -109,11 +138,13 @@ def main() -> None:
         if out.returncode:
             sys.exit(f"{mode} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         rows += [json.loads(f.read_text()) for f in sorted(root.glob(f"{mode}_rank*.json"))]
-    print(f"{'construction':12s} {'rank':>4s} {'peak RSS MiB':>13s} {'peak - start MiB':>17s} {'param share':>12s}")
+    print(f"{'construction':12s} {'rank':>4s} {'reward engine':>13s} {'+ RM engine, 1 step':>19s} "
+          f"{'tracked peak':>12s} {'largest tensor':>14s} {'param share':>11s}")
+    print(f"{'':12s} {'':4s} {'RSS - start':>13s} {'RSS - start':>19s} {'(train) MiB':>12s} {'MiB':>14s}")
     for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["rank"])):
-        print(f"{r['mode']:12s} {r['rank']:4d} {r['peak_mib']:13.0f} {r['peak_mib'] - r['start_mib']:17.0f} "
-              f"{r['local_share']:12.3f}")
-
+        print(f"{r['mode']:12s} {r['rank']:4d} {r['inference_mib'] - r['start_mib']:13.0f} "
+              f"{r['peak_mib'] - r['start_mib']:19.0f} {r['tracked_mib']:12.0f} {r['largest_mib']:14.0f} "
+              f"{r['local_share']:11.3f}")
 
 if __name__ == "__main__":
     main()

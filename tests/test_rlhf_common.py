@@ -134,3 +134,31 @@ def test_reward_matches_transformers_sequence_classifier(tiny_dir):
         ours = model.reward(ids, mask, last_index_of(ids, END, mask))
         theirs = peer(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_engines_hold_one_partition_per_rank(tmp_path):
+    """Two gloo processes: a ZeRO-3 training and inference engine built from a partitioned model
+    allocate no tensor larger than one rank's partition + the largest parameter (DeepSpeed's
+    default 5e8-element reduce bucket is one: 2 GB fp32), and the inference engine no optimizer
+    state (tests/scripts/zero3_engine_memory.py)."""
+    from tests.dist import REPO, run_torchrun
+
+    out = run_torchrun(REPO / "tests" / "scripts" / "zero3_engine_memory.py", tmp_path,
+                       env={"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert out.count("ZeRO-3 training engine") == 2 and out.count("ZeRO-3 inference engine") == 2, out
+
+
+def test_zero3_reduce_bucket_is_at_most_one_partition_and_the_plan_agrees():
+    from megatron_qwen.memory_plan.shape import ModelShape
+    from megatron_qwen.memory_plan.zero import Engine
+    from megatron_qwen.rlhf.deepspeed_config import zero3_buffer_sizes
+
+    assert zero3_buffer_sizes(1001, 2) == {"reduce_bucket_size": 501}
+    assert zero3_buffer_sizes(7 * 10**9, 8) == {"reduce_bucket_size": 500_000_000}  # DeepSpeed's size
+    shape = ModelShape(layers=2, hidden=64, ffn=128, heads=4, kv_groups=2, vocab=512)
+    params = shape.total_params()
+    for stage, bucket in ((3, -(-params // 2)), (2, 500_000_000)):
+        ds = make_ds_config(micro_batch_size=1, global_batch_size=2, world_size=2, zero_stage=stage)
+        planned = {c.name: c.bytes for c in Engine("actor", shape, params, ds, 2, on_gpu=False)
+                   .components(train=True)}["actor gradient bucket"]
+        assert planned == (1 if stage == 3 else 2) * bucket * 4, (stage, planned)

@@ -18,12 +18,14 @@ import torch
 
 
 class PeakAllocations:
-    """``with PeakAllocations() as m: ...``; then ``m.peak`` (bytes above the start) and
-    ``m.end`` (bytes still alive at the end). On a GPU it reads the CUDA allocator instead."""
+    """``with PeakAllocations() as m: ...``; then ``m.peak`` (bytes above the start),
+    ``m.end`` (bytes still alive at the end) and, on CPU, ``m.largest`` (the largest single
+    allocation). On a GPU it reads the CUDA allocator instead (``largest`` stays None)."""
 
     def __init__(self):
         self.peak = 0
         self.end = 0
+        self.largest = None
         self._prof = None
 
     def __enter__(self):
@@ -54,6 +56,7 @@ class PeakAllocations:
             live += nbytes
             peak = max(peak, live)
         self.peak, self.end = peak, live
+        self.largest = max((nbytes for _, nbytes in events), default=0)
         return False
 
 

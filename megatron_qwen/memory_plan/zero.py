@@ -15,7 +15,8 @@ documented one, unverified on GPU here.)
 
 Stage 3 keeps parameters of at most ``stage3_param_persistence_threshold`` elements whole, and
 gathers the others per module (at most a layer or the embedding, plus the prefetch bucket).
-Gradient reduction goes through a bucket of at most ``reduce_bucket_size`` elements. Offloading
+Gradient reduction goes through a bucket of at most ``reduce_bucket_size`` elements (at stage 3
+sized to at most one partition by ``rlhf/deepspeed_config.py``). Offloading
 moves the optimizer state (and its gradients) or the parameters to CPU: zero on the GPU.
 """
 
@@ -25,9 +26,10 @@ import dataclasses
 
 from megatron_qwen.memory_plan.plan import Component
 from megatron_qwen.memory_plan.shape import ModelShape
+from megatron_qwen.rlhf.deepspeed_config import DEFAULT_REDUCE_BUCKET as REDUCE_BUCKET
+from megatron_qwen.rlhf.deepspeed_config import zero3_buffer_sizes
 
 # DeepSpeed's defaults where rlhf/deepspeed_config.py sets none, and the one it sets
-REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
 MAX_LIVE_PARAMETERS = 1_000_000_000
 PERSISTENCE_THRESHOLD = 10_000
@@ -57,6 +59,13 @@ class Engine:
     @property
     def e(self) -> int:
         return 2 if self.ds_config["bf16"]["enabled"] and self.on_gpu else 4
+
+    def reduce_bucket_default(self) -> int:
+        """The reduce bucket when the config sets none: at ZeRO-3 the trainers size it from the
+        model (``deepspeed_config.zero3_buffer_sizes``: at most one partition), else DeepSpeed's."""
+        if self.zero_stage != 3:
+            return REDUCE_BUCKET
+        return zero3_buffer_sizes(self.params, self.world)["reduce_bucket_size"]
 
     def small_params(self) -> int:
         """Parameters ZeRO-3 keeps whole (at most the persistence threshold: norms, QKV biases,
@@ -120,7 +129,7 @@ class Engine:
         else:
             opt, ohow = P * 12 / n, f"fp32 master + Adam 12 B/param / {n} ranks"
         out.append(Component(f"{who} optimizer state", opt, ohow, fix_opt))
-        bucket = int(self.zero.get("reduce_bucket_size", REDUCE_BUCKET))
+        bucket = int(self.zero.get("reduce_bucket_size", self.reduce_bucket_default()))
         if z >= 1:  # contiguous_gradients (on by default): reduce buckets, allocated whole
             count = 2 if (z < 3 and self.zero.get("overlap_comm")) else 1
             out.append(Component(f"{who} gradient bucket", count * bucket * e,

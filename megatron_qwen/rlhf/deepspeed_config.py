@@ -81,7 +81,13 @@ def make_ds_config(*, micro_batch_size: int, global_batch_size: int, world_size:
     if zero_stage == 3:
         # export gathers 16-bit (or fp32) weights; small params stay whole to save gathers
         zero.update(stage3_gather_16bit_weights_on_model_save=True,
-                    stage3_param_persistence_threshold=10_000)
+                    stage3_param_persistence_threshold=10_000,
+                    # zero.Init otherwise replaces torch.nn.functional.linear, for the rest of the
+                    # process and every model in it, by an autograd.Function (matmul + bias, a
+                    # signature bind per call): half of a ZeRO-3 decode step's time on CPU
+                    # (bench/ppo_step.py --profile). ZeRO-3 re-gathers a module's parameters
+                    # before its backward, so the plain linear is correct (the parity tests)
+                    memory_efficient_linear=False)
     if offload_optimizer and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_param:
@@ -200,14 +206,47 @@ def zero3_construction(ds_config: dict):
         del keep
 
 
+# DeepSpeed's reduce bucket when the config sets none (elements)
+DEFAULT_REDUCE_BUCKET = 500_000_000
+
+
+def zero3_buffer_sizes(numel: int, world_size: int) -> dict:
+    """The ZeRO-3 buffer sizes for a model of ``numel`` elements over ``world_size`` ranks: no
+    buffer DeepSpeed allocates per rank is larger than one rank's partition.
+
+    DeepSpeed's reduce bucket (``reduce_bucket_size``, 5e8 elements by default) is allocated
+    whole at ``deepspeed.initialize`` (2 GB in fp32, 1 GB in bf16, per training engine, whatever
+    the model's size), and in backward it fills with *whole* (unpartitioned) gradients until it
+    is full or backward ends: for a model under 5e8 elements, every rank holds all of the
+    model's gradients at once before the reduce-scatter. A bucket of one partition holds at most
+    1/world of them; models with partitions above 5e8 elements keep DeepSpeed's size."""
+    partition = -(-int(numel) // world_size)
+    return {"reduce_bucket_size": max(1, min(DEFAULT_REDUCE_BUCKET, partition))}
+
+
+def _with_zero3_buffers(model: torch.nn.Module, ds_config: dict) -> dict:
+    """``ds_config`` with :func:`zero3_buffer_sizes` for ``model`` where it sets none (ZeRO-3)."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return ds_config
+    import torch.distributed as dist
+
+    numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sizes = {k: v for k, v in zero3_buffer_sizes(numel, world).items() if k not in zero}
+    return {**ds_config, "zero_optimization": {**zero, **sizes}}
+
+
 def init_train_engine(model: torch.nn.Module, ds_config: dict, *, lr: float,
                       weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                       warmup_steps: int = 0):
-    """A training engine with its optimizer and LR schedule; returns the DeepSpeed engine."""
+    """A training engine with its optimizer and LR schedule; returns the DeepSpeed engine.
+    Under ZeRO-3 its buffers are sized from the model (:func:`zero3_buffer_sizes`)."""
     import deepspeed
 
     from megatron_qwen.rlhf.safe_engine import safe_checkpoint_engine
 
+    ds_config = _with_zero3_buffers(model, ds_config)
     offload = "offload_optimizer" in ds_config.get("zero_optimization", {})
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                                 offload=offload)
