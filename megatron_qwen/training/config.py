@@ -220,11 +220,25 @@ class PretrainConfig:
             return "data.reset_attention_mask=true"
         return None
 
-    def check_kernels(self, on_gpu: bool, flash_available: bool) -> None:
+    def transformer_impl(self, on_gpu: bool, te_available: bool) -> str:
+        """The layer implementation of this run (model/layer_spec.py): as the model alone would
+        choose, and local where the data feeds an explicit attention mask."""
+        from megatron_qwen.model.layer_spec import choose_transformer_impl
+
+        if self.parallel.context_parallel_size > 1:
+            raise ConfigError(
+                f"parallel.context_parallel_size={self.parallel.context_parallel_size}: the trainer "
+                "does not split sequences over context-parallel ranks yet (only the model and "
+                "TransformerConfig take it); use --context-parallel-size 1")
+        return choose_transformer_impl(self.model, self.parallel, on_gpu, te_available,
+                                       mask_from=self.attention_mask_source())
+
+    def check_kernels(self, on_gpu: bool, flash_available: bool, te_available: bool = False) -> None:
         """Refuse at start what the attention kernel would refuse at the first forward, for the
         machine described by the arguments (pure: the GPU case is testable on CPU)."""
         from megatron_qwen.model.attention import check_attention_kernel
 
+        self.transformer_impl(on_gpu, te_available)
         dtype = self.compute_dtype(on_gpu)
         dtype_from = ("no GPU: a CPU run computes in fp32" if self.optim.bf16 and not on_gpu
                       else f"optim.bf16={str(self.optim.bf16).lower()}")

@@ -116,8 +116,15 @@ def build_wrapped_model(cfg, use_bf16: bool):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_qwen.model import build_model
+    from megatron_qwen.model.layer_spec import initialize_tp_comm_overlap, te_importable
 
-    chunks = build_model(cfg.model, cfg.parallel,
+    impl = cfg.transformer_impl(torch.cuda.is_available(), te_importable())
+    if torch.distributed.get_rank() == 0:
+        print(f"transformer_impl: {impl}", flush=True)
+    if cfg.parallel.tp_comm_overlap:  # choose_transformer_impl made sure this is TE
+        initialize_tp_comm_overlap(cfg.model, cfg.parallel, cfg.train.micro_batch_size,
+                                   torch.bfloat16 if use_bf16 else torch.float32)
+    chunks = build_model(dataclasses.replace(cfg.model, transformer_impl=impl), cfg.parallel,
                          params_dtype=torch.bfloat16 if use_bf16 else torch.float32)
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
@@ -340,7 +347,10 @@ def train(cfg) -> list[dict]:
     if t.task not in DATASET_PROVIDERS:
         raise ConfigError(f"--task {t.task!r}: known tasks are {', '.join(sorted(DATASET_PROVIDERS))}")
     # what the attention kernel, the save directory and the load paths would refuse later, refused now
-    cfg.check_kernels(on_gpu=torch.cuda.is_available(), flash_available=flash_attn_func is not None)
+    from megatron_qwen.model.layer_spec import te_importable
+
+    cfg.check_kernels(on_gpu=torch.cuda.is_available(), flash_available=flash_attn_func is not None,
+                      te_available=te_importable())
     if ck.save:
         ck.check_save_writable()
     ckpt.check_load_paths(ck)
