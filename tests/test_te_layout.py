@@ -173,9 +173,25 @@ def _save(state: dict, directory):
     return directory
 
 
-def test_te_layout_checkpoint_loads_into_the_local_model_bit_exactly(world, tiny, tmp_path):
-    from megatron_qwen.checkpoint import safe_load
+def _trainer_load(chunks, directory):
+    from megatron_qwen.training.checkpoint import load_checkpoint
+    from megatron_qwen.training.config import PretrainConfig
+
+    # a weights-only checkpoint: the model only (no optimizer or scheduler is touched)
+    assert load_checkpoint(directory, chunks, None, None, PretrainConfig()) == (0, 0)
+
+
+def _converter_load(chunks, directory):
     from megatron_qwen.checkpoint.mcore_io import load_model_weights
+
+    load_model_weights(chunks, directory)
+
+
+@pytest.mark.parametrize("load", [_trainer_load, _converter_load], ids=["trainer", "converter"])
+def test_te_layout_checkpoint_loads_into_the_local_model_bit_exactly(world, tiny, tmp_path, load):
+    """Both model loads (the trainer's --load / --pretrained-checkpoint, and the converter's and
+    inference's) read a checkpoint written in the TE layout."""
+    from megatron_qwen.checkpoint import safe_load
     from megatron_qwen.checkpoint.te_layout import LOCAL_TO_TE
 
     torch.manual_seed(0)
@@ -191,7 +207,7 @@ def test_te_layout_checkpoint_loads_into_the_local_model_bit_exactly(world, tiny
     (target,) = build_model(tiny, ParallelConfig())
     tokens = torch.randint(0, tiny.vocab_size, (2, 16))
     assert _loss(target, tokens) != _loss(source, tokens)
-    load_model_weights([target], te_ckpt)
+    load([target], te_ckpt)
     want, got = source.state_dict(), target.state_dict()
     for name, tensor in want.items():
         if isinstance(tensor, torch.Tensor):
