@@ -102,17 +102,30 @@ def test_flags_spell_as_megatron_lm():
                    "parallel": {"tp_comm_overlap": True, "context_parallel_size": 2}}
 
 
-def test_trainer_refuses_context_parallel_and_local_with_an_sft_mask(tiny):
-    """The trainer's choice adds the data's mask; CP stops at start (no per-rank sequence split)."""
+def test_trainer_choice_adds_the_data_mask_and_counts_context_parallel_ranks(tiny):
+    """The trainer's choice adds the data's mask (SFT: local); CP ranks are not data ranks."""
     from megatron_qwen.training.config import PretrainConfig
 
     cfg = PretrainConfig(model=_model(tiny), train=dataclasses.replace(PretrainConfig().train, task="sft"))
     assert cfg.transformer_impl(on_gpu=True, te_available=True) == LOCAL
     with pytest.raises(ConfigError, match="does not support train.task=sft"):
         dataclasses.replace(cfg, model=_model(tiny, transformer_impl=TE)).check_kernels(True, True, True)
-    cp = dataclasses.replace(cfg, parallel=ParallelConfig(context_parallel_size=2))
-    with pytest.raises(ConfigError, match="does not split sequences over context-parallel ranks"):
-        cp.transformer_impl(on_gpu=True, te_available=True)
+    cp = PretrainConfig(model=_model(tiny), parallel=ParallelConfig(context_parallel_size=2),
+                        train=dataclasses.replace(PretrainConfig().train, global_batch_size=4))
+    assert cp.transformer_impl(on_gpu=True, te_available=True) == TE
+    with pytest.raises(ConfigError, match="needs Transformer Engine, which runs on CUDA GPUs only"):
+        cp.check_kernels(on_gpu=False, flash_available=False, te_available=True)
+    assert cp.check_world(8) == 4  # 8 ranks = 2 CP x 4 DP
+    with pytest.raises(ConfigError, match="not divisible by tensor x pipeline x context parallel = 1 x 1 x 2"):
+        cp.check_world(3)
+
+
+def test_context_parallel_pieces_on_two_ranks():
+    """RoPE rows, batch split and the logged loss under CP=2 (tests/scripts/context_parallel_units.py;
+    the CP attention itself is TE's: unverified on GPU)."""
+    from tests.dist import REPO, run_torchrun
+
+    assert "CP_UNITS_OK" in run_torchrun(REPO / "tests/scripts/context_parallel_units.py", timeout=300)
 
 
 def test_settings_reach_transformer_config(tiny, monkeypatch):

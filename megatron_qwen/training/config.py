@@ -225,11 +225,6 @@ class PretrainConfig:
         choose, and local where the data feeds an explicit attention mask."""
         from megatron_qwen.model.layer_spec import choose_transformer_impl
 
-        if self.parallel.context_parallel_size > 1:
-            raise ConfigError(
-                f"parallel.context_parallel_size={self.parallel.context_parallel_size}: the trainer "
-                "does not split sequences over context-parallel ranks yet (only the model and "
-                "TransformerConfig take it); use --context-parallel-size 1")
         return choose_transformer_impl(self.model, self.parallel, on_gpu, te_available,
                                        mask_from=self.attention_mask_source())
 
@@ -247,12 +242,16 @@ class PretrainConfig:
                                mask_from=self.attention_mask_source(), dtype_from=dtype_from)
 
     def check_world(self, world_size: int) -> int:
-        """Validate the layout against the process count; return the data-parallel size."""
+        """Validate the layout against the process count; return the data-parallel size (the
+        context-parallel ranks of a group share their samples, each taking a part of every
+        sequence)."""
         tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"world size {world_size} is not divisible by tensor x pipeline parallel = {tp} x {pp}")
-        dp = world_size // (tp * pp)
+        cp = self.parallel.context_parallel_size
+        if world_size % (tp * pp * cp):
+            what = f"tensor x pipeline x context parallel = {tp} x {pp} x {cp}" if cp > 1 else \
+                f"tensor x pipeline parallel = {tp} x {pp}"
+            raise ConfigError(f"world size {world_size} is not divisible by {what}")
+        dp = world_size // (tp * pp * cp)
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
             raise ConfigError(

@@ -190,7 +190,13 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
+    from megatron.core import parallel_state as ps
+
     batch = next(data_iterator)
+    if ps.get_context_parallel_world_size() > 1:  # this rank's two load-balanced chunks
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch))
     dev = _device()
     tokens = batch["tokens"].to(dev, non_blocking=True)
     mask = batch.get("attention_mask")
@@ -208,11 +214,16 @@ def _mean_loss(losses: list, per_token: bool) -> Optional[float]:
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     sums = torch.stack([d["lm loss"].float() for d in losses])  # [micro-batches, (sum, count)]
+    if ps.get_context_parallel_world_size() > 1:  # each CP rank holds part of every sequence
+        torch.distributed.all_reduce(sums, group=ps.get_context_parallel_group())
+        group = ps.get_data_parallel_group()
+    else:
+        group = ps.get_data_parallel_group(with_context_parallel=True)
     if per_token:
         local = sums.sum(dim=0)
     else:
         local = torch.stack([(sums[:, 0] / sums[:, 1].clamp(min=1.0)).sum(), sums.new_tensor(float(len(sums)))])
-    torch.distributed.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
+    torch.distributed.all_reduce(local, group=group)
     return (local[0] / local[1].clamp(min=1.0)).item()
 
 
@@ -245,7 +256,7 @@ class Trainer:
 
         self.cfg = cfg
         self.dp = cfg.check_world(torch.distributed.get_world_size())
-        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        self.dp_rank = ps.get_data_parallel_rank()  # the CP ranks of a group read the same samples
         self.num_micro = cfg.num_microbatches(self.dp)
         self.use_bf16 = cfg.compute_dtype(torch.cuda.is_available()) == torch.bfloat16
         self.model = build_wrapped_model(cfg, self.use_bf16)
