@@ -249,11 +249,12 @@ def test_te_model_keys_map_to_a_local_checkpoint(world, tiny, tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
-def test_local_spec_names_are_megatron_cores(tiny):
-    """Our local layer's norms sit where megatron-core's local spec maps them from."""
+def test_the_mapping_is_megatron_cores_statement_of_it():
+    """te_layout's renames are exactly megatron-core's local-spec key map (RMSNorm: no bias)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    ours = qwen_layer_spec().submodules
+    from megatron_qwen.checkpoint.te_layout import LOCAL_TO_TE
+
     keys_map = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
-    assert {k.rstrip(".") for k in keys_map} == {"input_layernorm", "pre_mlp_layernorm"}
-    assert ours.input_layernorm is not None and ours.pre_mlp_layernorm is not None
+    assert LOCAL_TO_TE == {f"decoder.layers.{a}weight": f"decoder.layers.{b}weight" for a, b in keys_map.items()}
+    assert qwen_layer_spec().submodules.sharded_state_dict_keys_map == {}  # ours saves local names

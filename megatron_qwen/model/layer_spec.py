@@ -38,7 +38,6 @@ from megatron_qwen.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_qwen.model.attention import QwenCoreAttention
 from megatron_qwen.model.norm import RMSNorm
 
-TRANSFORMER_IMPLS = ("transformer_engine", "local")
 TE_INSTALL = "pip install --no-build-isolation -e '.[gpu]' (transformer-engine[pytorch]>=2.9,<2.12)"
 
 
