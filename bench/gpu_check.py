@@ -13,7 +13,10 @@ is about defaults:
   convert   mcore-to-hf of the pretrained checkpoint (the HF model RM and PPO start from)
   rm / ppo  2 steps each, DeepSpeed over NCCL (world size 1 still goes through NCCL)
   generate / eval_ppl   default flags on the converted checkpoint
-  mfu       bench/mfu.py for Qwen-1.8B
+  mfu       bench/mfu.py for Qwen-1.8B, ours vs the HF peer
+  te        bench/te_check.py: TE spec vs local spec loss on the same weights (SKIP without TE)
+  varlen    bench/varlen_attention.py: the selected THD kernel against the per-document reference
+  ckpt_io   bench/checkpoint_io.py: save/load time and host peak, fully_reshardable vs dp_reshardable
 `--cpu` runs the same chain at the tiny size on CPU (gloo, fp32): how the script itself is tested.
 
     bash bench/gpu_check.sh [--cpu] [--out DIR] [--only pretrain,sft]
@@ -281,6 +284,32 @@ def step_mfu(check: Check) -> None:
                  (line[0].strip() if line else "no MFU line") if ok else text)
 
 
+def step_te(check: Check) -> None:
+    t0 = time.perf_counter()
+    ok, text = check.run("te", torchrun("bench/te_check.py"), 180)
+    line = [ln for ln in text.splitlines() if ln.startswith("te_check:")][-1:] if ok else []
+    if line and " SKIP " in line[0]:
+        return check.skip("TE spec vs local spec", line[0].split("SKIP ", 1)[1])
+    check.record("TE spec vs local spec (loss, same weights)", t0, ok and bool(line), line[0] if line else text)
+
+
+def step_varlen(check: Check) -> None:
+    t0 = time.perf_counter()
+    ok, text = check.run("varlen", [PY, "bench/varlen_attention.py", *(["--cpu"] if check.cpu else [])], 240)
+    lines = [ln.strip() for ln in text.splitlines() if ln.startswith("varlen ")]
+    check.record("varlen THD kernels vs reference", t0, ok and bool(lines), "; ".join(lines) if lines else text)
+
+
+def step_ckpt_io(check: Check) -> None:
+    t0 = time.perf_counter()
+    size = ["--hidden", "128", "--layers", "2", "--vocab", "2048"] if check.cpu else \
+        ["--hidden", "2048", "--layers", "8", "--vocab", "32000"]
+    ok, text = check.run("ckpt_io", [PY, "bench/checkpoint_io.py", "--nproc", "1", *size], 240)
+    lines = [" ".join(c.strip() for c in ln.strip().strip("|").split("|")) for ln in text.splitlines()
+             if ln.startswith("| ") and ("reshardable" in ln or "async" in ln)]
+    check.record("checkpoint save/load (one rank)", t0, ok and bool(lines), "; ".join(lines[-3:]) if lines else text)
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -309,7 +338,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="the same chain, tiny, on CPU (tests the script)")
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="work and result directory")
-    p.add_argument("--only", default="", help="comma list of: pretrain,sft,rm,ppo,generate,eval_ppl,mfu")
+    p.add_argument("--only", default="", help="comma list of: pretrain,sft,rm,ppo,generate,eval_ppl,mfu,te,varlen,ckpt_io")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting steps after this many seconds")
     args = p.parse_args()
     import torch
@@ -354,6 +383,12 @@ def main() -> int:
             step_ppo(check, data, hf, rm)
     if want("mfu"):
         step_mfu(check)
+    if want("te"):
+        step_te(check)
+    if want("varlen"):
+        step_varlen(check)
+    if want("ckpt_io"):
+        step_ckpt_io(check)
     text = table(check.results, env)
     (out / "gpu_check.md").write_text(text + "\n")
     print("\n" + text, flush=True)

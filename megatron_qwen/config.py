@@ -62,6 +62,9 @@ class ModelConfig:
     # Activation recomputation: None | selective | full
     recompute_granularity: Optional[str] = None  # recompute activations: selective (attention) | full (layers)
     recompute_num_layers: int = 1  # with full: layers per recomputed block
+    # Layer implementation (Megatron-LM's flag; model/layer_spec.py decides, docs/model.md)
+    transformer_impl: Optional[str] = None  # transformer_engine | local; unset: TE when importable on a GPU, else local
+    fp8_format: Optional[str] = None  # FP8 GEMMs (Transformer Engine only): hybrid (E4M3 fwd, E5M2 grads) | e4m3
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -97,6 +100,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.recompute_granularity={self.recompute_granularity!r}: choose selective or full"
             )
+        if self.transformer_impl not in (None, "transformer_engine", "local"):
+            raise ConfigError(f"model.transformer_impl={self.transformer_impl!r}: choose "
+                              "transformer_engine or local (or leave it unset: automatic)")
+        if self.fp8_format not in (None, "hybrid", "e4m3"):
+            raise ConfigError(f"model.fp8_format={self.fp8_format!r}: choose hybrid or e4m3")
         if self.window_sizes is not None and len(self.window_sizes) != self.num_layers:
             raise ConfigError(
                 f"model.window_sizes has {len(self.window_sizes)} entries for "
@@ -129,9 +137,11 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False  # shard optimizer state over the data-parallel ranks (ZeRO-1)
     overlap_grad_reduce: bool = False  # overlap the gradient all-reduce with the backward pass
     overlap_param_gather: bool = False  # overlap the param all-gather with the forward
+    context_parallel_size: int = 1  # CP: each sequence split over this many ranks (Transformer Engine attention only)
+    tp_comm_overlap: bool = False  # overlap TP communication with the GEMMs (Transformer Engine; TP > 1 with sequence_parallel)
 
     def validate(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         vpp = self.virtual_pipeline_model_parallel_size
@@ -145,6 +155,10 @@ class ParallelConfig:
             )
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather needs use_distributed_optimizer")
+        if self.tp_comm_overlap and not (self.tensor_model_parallel_size > 1 and self.sequence_parallel):
+            raise ConfigError("parallel.tp_comm_overlap needs tensor_model_parallel_size > 1 with "
+                              "sequence_parallel (it overlaps sequence-parallel all-gathers and "
+                              "reduce-scatters with the GEMMs)")
 
     def check_model(self, model: ModelConfig) -> None:
         """The layout checks that need the model's shape."""
@@ -165,6 +179,10 @@ class ParallelConfig:
                 f"pipeline_model_parallel_size={pp} x virtual={self.virtual_pipeline_model_parallel_size or 1} "
                 f"does not divide num_layers={model.num_layers}"
             )
+        cp = self.context_parallel_size
+        if cp > 1 and model.seq_length % (2 * cp):
+            raise ConfigError(f"context_parallel_size={cp}: model.seq_length={model.seq_length} must be "
+                              f"a multiple of 2 x {cp} (each rank takes two load-balanced chunks)")
         if model.padded_vocab_size is not None and model.padded_vocab_size % tp:
             raise ConfigError(
                 f"tensor_model_parallel_size={tp} does not divide padded_vocab_size={model.padded_vocab_size}"

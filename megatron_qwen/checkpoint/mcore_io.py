@@ -30,6 +30,7 @@ from megatron_qwen.checkpoint.mapping import (
     CheckpointError,
     mcore_name,
 )
+from megatron_qwen.checkpoint.te_layout import LOCAL_TO_TE, load_model_state, match_checkpoint_layout
 from megatron_qwen.config import ModelConfig, ParallelConfig
 from megatron_qwen.runtime.distributed import world_of_one
 
@@ -40,10 +41,7 @@ CONFIG_FILE = "config.yaml"
 EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj",
                        "mlp.linear_fc1", "mlp.linear_fc2")
 # Other spellings of our keys in checkpoints written by Transformer Engine layer specs.
-_TE_ALIASES = {
-    "decoder.layers.input_layernorm.weight": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
-}
+_TE_ALIASES = LOCAL_TO_TE
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -260,11 +258,12 @@ def load_model_weights(model_chunks: List[torch.nn.Module], directory: os.PathLi
     state = {}
     for i, chunk in enumerate(model_chunks):
         state[f"model{i}" if len(model_chunks) > 1 else "model"] = chunk.sharded_state_dict()
+    match_checkpoint_layout(state, safe_load.load_tensors_metadata(ckpt))
     check_model_shapes(state, ckpt)
     loaded = safe_load.load(state, ckpt)
     require_finite_state({k: v for k, v in loaded.items() if k.startswith("model")}, ckpt)
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded[f"model{i}" if len(model_chunks) > 1 else "model"], strict=True)
+        load_model_state(chunk, loaded[f"model{i}" if len(model_chunks) > 1 else "model"], ckpt)
     return dict(loaded.get(META_KEY) or {})
 
 

@@ -36,9 +36,13 @@ def transformer_config(
 ) -> QwenTransformerConfig:
     """The megatron-core TransformerConfig of a Qwen model (report 2.3): RMSNorm eps 1e-6, SwiGLU,
     QKV bias only, RoPE over the whole head dim. Each fusion flag is on only where its kernel
-    exists (``model.fusions.decide_fusions``); an override that turns one on without it is refused."""
+    exists (``model.fusions.decide_fusions``); an override that turns one on without it is refused.
+    ``transformer_impl`` is the layer implementation chosen by model/layer_spec.py."""
+    from megatron_qwen.model.layer_spec import choose_transformer_impl, te_importable
+
     check_layout(model_cfg, parallel_cfg)
     on_gpu = torch.cuda.is_available()
+    impl = choose_transformer_impl(model_cfg, parallel_cfg, on_gpu, te_importable())
     fusions = decide_fusions(normalization="RMSNorm")
     log_once(fusions)
     vpp = parallel_cfg.virtual_pipeline_model_parallel_size
@@ -81,6 +85,10 @@ def transformer_config(
         use_dynamic_ntk=model_cfg.use_dynamic_ntk,
         use_logn_attn=model_cfg.use_logn_attn,
         window_sizes=model_cfg.window_sizes,
+        transformer_impl=impl,
+        fp8=model_cfg.fp8_format,
+        tp_comm_overlap=parallel_cfg.tp_comm_overlap,
+        context_parallel_size=parallel_cfg.context_parallel_size,
     )
     for flag in FLAGS:
         if overrides.get(flag) and not fusions[flag].on:

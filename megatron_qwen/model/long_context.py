@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 
@@ -98,7 +99,12 @@ class QwenRotaryEmbedding(RotaryEmbedding):
             finally:
                 if alpha != 1.0:
                     self.inv_freq = inv_freq
-        return self._tables[key]
+        emb = self._tables[key]
+        group = cp_group if cp_group is not None else getattr(self, "cp_group", None)
+        if group is not None and group.size() > 1 and not packed_seq:
+            # the positions of this context-parallel rank's two sequence chunks
+            emb = get_pos_emb_on_this_cp_rank(emb, 0, group)
+        return emb
 
 
 # --------------------------------------------------------------------------- LogN scaling

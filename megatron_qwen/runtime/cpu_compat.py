@@ -63,7 +63,9 @@ def _cpu_factory(fn):
     def factory(*args, **kwargs):
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
-            kwargs.pop("pin_memory", None)  # utils.py: get_thd_batch_on_this_cp_rank pins cu_seqlens
+        # no pinned-memory allocator without an accelerator: utils.py's get_thd_batch_on_this_cp_rank
+        # pins cu_seqlens, rope_utils.py's get_pos_emb_on_this_cp_rank its CP indices (device="cpu")
+        kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
 
     factory.__wrapped_cpu_compat__ = fn

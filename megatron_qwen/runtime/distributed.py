@@ -75,12 +75,14 @@ def _init_process_group(timeout_minutes: int) -> None:
 
 
 def check_world(parallel_cfg: ParallelConfig, world_size: int) -> None:
-    """The layout must tile the world: TP x PP divides the number of processes."""
+    """The layout must tile the world: TP x PP (x CP) divides the number of processes."""
     tp = parallel_cfg.tensor_model_parallel_size
     pp = parallel_cfg.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    cp = parallel_cfg.context_parallel_size
+    if world_size % (tp * pp * cp):
+        cp_text = f" x context_parallel_size={cp}" if cp > 1 else ""
         raise ConfigError(
-            f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} does not "
+            f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp}{cp_text} does not "
             f"divide the world size {world_size}"
         )
 
@@ -123,6 +125,7 @@ def init_distributed(parallel_cfg: ParallelConfig, seed: int = 1234, timeout_min
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        context_parallel_size=parallel_cfg.context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)

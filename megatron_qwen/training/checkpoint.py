@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron_qwen.checkpoint import safe_load, save_processes
 from megatron_qwen.checkpoint.finite import require_finite_state
 from megatron_qwen.checkpoint.mcore_io import check_model_shapes
+from megatron_qwen.checkpoint.te_layout import load_model_state, match_checkpoint_layout
 from megatron_qwen.config import ConfigError, to_dict
 from megatron_qwen.runtime import mcore_version
 
@@ -315,6 +316,7 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
     ck = cfg.checkpoint
     full = TRAIN_STATE_KEY in common and not ck.finetune
     state = _model_state(model_chunks)
+    match_checkpoint_layout(state, safe_load.load_tensors_metadata(ckpt))  # TE <-> local names
     check_model_shapes(state, ckpt)
     if full and not ck.no_load_optim:
         saved_dist = common[TRAIN_STATE_KEY]["config"]["parallel"]["use_distributed_optimizer"]
@@ -339,7 +341,7 @@ def load_checkpoint(root: os.PathLike, model_chunks, optimizer, scheduler, cfg) 
                             strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     require_finite_state({k: v for k, v in loaded.items() if k.startswith("model")}, ckpt)
     for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model_chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        load_model_state(unwrap(chunk), loaded[key], ckpt)
     if not full:
         if _rank0():
             print(f"loaded model weights from {ckpt} (weights only: iteration 0, fresh optimizer)",

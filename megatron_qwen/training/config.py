@@ -228,11 +228,27 @@ class PretrainConfig:
         every built-in task: separated documents go as cu_seqlens (model/varlen.py)."""
         return None
 
-    def check_kernels(self, on_gpu: bool, flash_available: bool) -> None:
+    def transformer_impl(self, on_gpu: bool, te_available: bool) -> str:
+        """The layer implementation of this run (model/layer_spec.py): as the model alone would
+        choose, and local where the data feeds an explicit attention mask. Packed documents go
+        as THD to either implementation, but not split over context-parallel ranks (megatron-core
+        splits a THD batch per CP rank only through TE's own partitioning, which we do not call)."""
+        from megatron_qwen.model.layer_spec import choose_transformer_impl
+
+        cp = self.parallel.context_parallel_size
+        if cp > 1 and self.packs_documents():
+            what = "train.task=sft" if self.train.task == "sft" else "data.reset_attention_mask=true"
+            raise ConfigError(f"parallel.context_parallel_size={cp} with {what}: packed documents (THD) "
+                              "are not split over context-parallel ranks; use context_parallel_size=1")
+        return choose_transformer_impl(self.model, self.parallel, on_gpu, te_available,
+                                       mask_from=self.attention_mask_source())
+
+    def check_kernels(self, on_gpu: bool, flash_available: bool, te_available: bool = False) -> None:
         """Refuse at start what the attention kernel would refuse at the first forward, for the
         machine described by the arguments (pure: the GPU case is testable on CPU)."""
         from megatron_qwen.model.attention import check_attention_kernel
 
+        self.transformer_impl(on_gpu, te_available)
         dtype = self.compute_dtype(on_gpu)
         dtype_from = ("no GPU: a CPU run computes in fp32" if self.optim.bf16 and not on_gpu
                       else f"optim.bf16={str(self.optim.bf16).lower()}")
@@ -241,12 +257,16 @@ class PretrainConfig:
                                mask_from=self.attention_mask_source(), dtype_from=dtype_from)
 
     def check_world(self, world_size: int) -> int:
-        """Validate the layout against the process count; return the data-parallel size."""
+        """Validate the layout against the process count; return the data-parallel size (the
+        context-parallel ranks of a group share their samples, each taking a part of every
+        sequence)."""
         tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"world size {world_size} is not divisible by tensor x pipeline parallel = {tp} x {pp}")
-        dp = world_size // (tp * pp)
+        cp = self.parallel.context_parallel_size
+        if world_size % (tp * pp * cp):
+            what = f"tensor x pipeline x context parallel = {tp} x {pp} x {cp}" if cp > 1 else \
+                f"tensor x pipeline parallel = {tp} x {pp}"
+            raise ConfigError(f"world size {world_size} is not divisible by {what}")
+        dp = world_size // (tp * pp * cp)
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
             raise ConfigError(

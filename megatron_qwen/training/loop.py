@@ -117,8 +117,15 @@ def build_wrapped_model(cfg, use_bf16: bool):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_qwen.model import build_model
+    from megatron_qwen.model.layer_spec import initialize_tp_comm_overlap, te_importable
 
-    chunks = build_model(cfg.model, cfg.parallel,
+    impl = cfg.transformer_impl(torch.cuda.is_available(), te_importable())
+    if torch.distributed.get_rank() == 0:
+        print(f"transformer_impl: {impl}", flush=True)
+    if cfg.parallel.tp_comm_overlap:  # choose_transformer_impl made sure this is TE
+        initialize_tp_comm_overlap(cfg.model, cfg.parallel, cfg.train.micro_batch_size,
+                                   torch.bfloat16 if use_bf16 else torch.float32)
+    chunks = build_model(dataclasses.replace(cfg.model, transformer_impl=impl), cfg.parallel,
                          params_dtype=torch.bfloat16 if use_bf16 else torch.float32)
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
@@ -186,7 +193,13 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def _forward_step(data_iterator, model):
     """One micro-batch. Packed documents (a ``cu_seqlens`` in the batch: SFT, pretraining with
     --reset-attention-mask) go as one THD row with megatron-core's PackedSeqParams."""
+    from megatron.core import parallel_state as ps
+
     batch = next(data_iterator)
+    if ps.get_context_parallel_world_size() > 1:  # this rank's two load-balanced chunks
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch))
     dev = _device()
     packed = None
     if "cu_seqlens" in batch:
@@ -207,11 +220,16 @@ def _mean_loss(losses: list, per_token: bool) -> Optional[float]:
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     sums = torch.stack([d["lm loss"].float() for d in losses])  # [micro-batches, (sum, count)]
+    if ps.get_context_parallel_world_size() > 1:  # each CP rank holds part of every sequence
+        torch.distributed.all_reduce(sums, group=ps.get_context_parallel_group())
+        group = ps.get_data_parallel_group()
+    else:
+        group = ps.get_data_parallel_group(with_context_parallel=True)
     if per_token:
         local = sums.sum(dim=0)
     else:
         local = torch.stack([(sums[:, 0] / sums[:, 1].clamp(min=1.0)).sum(), sums.new_tensor(float(len(sums)))])
-    torch.distributed.all_reduce(local, group=ps.get_data_parallel_group(with_context_parallel=True))
+    torch.distributed.all_reduce(local, group=group)
     return (local[0] / local[1].clamp(min=1.0)).item()
 
 
@@ -244,7 +262,7 @@ class Trainer:
 
         self.cfg = cfg
         self.dp = cfg.check_world(torch.distributed.get_world_size())
-        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        self.dp_rank = ps.get_data_parallel_rank()  # the CP ranks of a group read the same samples
         self.num_micro = cfg.num_microbatches(self.dp)
         self.use_bf16 = cfg.compute_dtype(torch.cuda.is_available()) == torch.bfloat16
         self.model = build_wrapped_model(cfg, self.use_bf16)
@@ -353,7 +371,10 @@ def train(cfg) -> list[dict]:
     if t.task not in DATASET_PROVIDERS:
         raise ConfigError(f"--task {t.task!r}: known tasks are {', '.join(sorted(DATASET_PROVIDERS))}")
     # what the attention kernel, the save directory and the load paths would refuse later, refused now
-    cfg.check_kernels(on_gpu=torch.cuda.is_available(), flash_available=flash_attn_func is not None)
+    from megatron_qwen.model.layer_spec import te_importable
+
+    cfg.check_kernels(on_gpu=torch.cuda.is_available(), flash_available=flash_attn_func is not None,
+                      te_available=te_importable())
     if ck.save:
         ck.check_save_writable()
     ckpt.check_load_paths(ck)
