@@ -17,7 +17,8 @@ TINY_RECIPES = ["pretrain_tiny.yaml", "sft_tiny.yaml", "rm_tiny_cpu.yaml", "ppo_
 PATH_FLAGS = ("--data-path", "--data-cache-path", "--save", "--load", "--tensorboard-dir", "--sft-data-path",
               "--pretrained-checkpoint", "--model-path", "--train-data-path", "--test-data-path", "--export-dir",
               "--actor-path", "--reward-path", "--prompt-data-path", "--ptx-data-path")
-PRUNED = {"demo_out/ckpt/rm"}  # the reward model's DeepSpeed state: deleted once exported
+# the reward model's DeepSpeed state and the SFT checkpoint: deleted once exported to HF
+PRUNED = {"demo_out/ckpt/rm", "demo_out/ckpt/sft"}
 
 
 def demo_paths(text: str) -> list:
@@ -75,6 +76,7 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
         assert " -> " in metric[stage], (stage, metric[stage])
     chat = json.loads((out / "chat.json").read_text())
     assert chat["same"] and chat["megatron_core"] == chat["transformers"]
+    assert chat["transformers"].strip(), chat  # PPO's unfinished-answer penalty once taught it to stop at once
     assert (out / "curves.png").stat().st_size > 10_000
     # the pretraining checkpoint went through a real stop and resume
     log = (out / "logs" / "pretrain-resume.log").read_text()
