@@ -144,6 +144,12 @@ def first_last(logdir: Path, tag: str) -> Optional[tuple]:
     return (series[0][0], series[0][1], series[-1][0], series[-1][1]) if series else None
 
 
+# Run-to-run noise of the PPO row's "after": the spread (max - min) of the held-out mean reward
+# over PPO seeds 1234, 1, 2 from the same SFT model, measured once (docs/ppo.md). The row states
+# whether the gain exceeds it.
+PPO_SEED_SPREAD = None
+
+
 def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], str]:
     """The summary row of a training stage: its held-out numbers before -> after
     (examples/demo_eval.py's JSON, and the validation curve the stage logged)."""
@@ -180,6 +186,10 @@ def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], st
                              f"starting with a number {before.get('in_format_share', 0):.0%} -> "
                              f"{after.get('in_format_share', 0):.0%}, right {before.get('right_share', 0):.0%} -> "
                              f"{after.get('right_share', 0):.0%})")
+                if PPO_SEED_SPREAD is not None:
+                    gain = after["mean_reward"] - before["mean_reward"]
+                    parts.append(f"gain {gain:+.3f} {'>' if gain > PPO_SEED_SPREAD else '<='} the "
+                                 f"{PPO_SEED_SPREAD:.3f} spread over 3 PPO seeds")
             kl = first_last(logdir, "approx_kl")
             if kl:
                 parts.append(f"last approx_kl {kl[3]:.2g}")

@@ -66,7 +66,7 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     # stop/resume; SFT lowered the held-out assistant loss and kept plain-text perplexity within
     # 1.5x of the base; the reward model prefers the right sum to a repeated operand on sums it
     # never saw (the SFT model's likelihood prefers the copy; measured 0.048 -> 0.784 at --smoke)
-    # (the PPO gain needs more steps than --smoke: see tests/test_ppo_arithmetic.py)
+    # (the PPO gain needs more steps than --smoke: see tests/test_ppo_arithmetic.py and docs/ppo.md)
     assert metric["pretrain-resume"].startswith("held-out ppl"), metric["pretrain-resume"]
     ev = json.loads((out / "eval" / "heldout.json").read_text())
     assert ev["sft"]["assistant_loss"] < ev["base"]["assistant_loss"], ev
