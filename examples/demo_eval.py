@@ -9,8 +9,9 @@ Tasks (after the model directory):
   plain      perplexity on held-out documents (raw/heldout_text.jsonl, never trained on): their
              first two 128-token windows
   assistant  mean loss of the assistant tokens of held-out conversations (raw/sft_test.jsonl)
-  reward     mean arithmetic reward (megatron_qwen/rlhf/ppo/rule_reward.py) on the held-out
-             prompts (raw/prompts_test.jsonl), --samples per prompt from fixed seeds
+  reward     mean arithmetic reward (megatron_qwen/rlhf/ppo/rule_reward.py; --format-credit as
+             PPO's ppo.arithmetic_format_credit) on the held-out prompts (raw/prompts_test.jsonl),
+             --samples per prompt from fixed seeds
   pairs      share of held-out preference pairs (raw/pairs_test.jsonl) scored chosen > rejected:
              by --reward-model for the model named rm, else by the model's own likelihood of
              the answer (the preference the SFT model already has)
@@ -106,7 +107,7 @@ def parse_model(text: str) -> tuple:
 
 
 def evaluate(path: str, tasks: list, raw: Path, tokenizer, samples: int, seed: int, max_new_tokens: int,
-             reward_model: str = None) -> dict:
+             reward_model: str = None, format_credit: float = 0.0) -> dict:
     from megatron_qwen.rlhf import hf_model
 
     torch.manual_seed(0)
@@ -121,7 +122,8 @@ def evaluate(path: str, tasks: list, raw: Path, tokenizer, samples: int, seed: i
         from megatron_qwen.rlhf.ppo.rule_reward import heldout_reward
 
         prompts, _ = load_prompts(raw / "prompts_test.jsonl", tokenizer)
-        out["reward"] = heldout_reward(model, tokenizer, prompts, samples, seed, max_new_tokens=max_new_tokens)
+        out["reward"] = heldout_reward(model, tokenizer, prompts, samples, seed, max_new_tokens=max_new_tokens,
+                                       format_credit=format_credit)
     if "pairs" in tasks:
         rm = hf_model.load_with_head(reward_model, require_head=True).eval() if reward_model else None
         out["pair_accuracy"] = pair_accuracy(tokenizer, read_jsonl(raw / "pairs_test.jsonl"), reward_model=rm, lm=model)
@@ -139,6 +141,9 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=8, help="samples per held-out prompt for the reward task")
     p.add_argument("--seed", type=int, default=1, help="sampling seed for the reward task")
     p.add_argument("--max-new-tokens", type=int, default=8, help="response budget for the reward task")
+    p.add_argument("--format-credit", type=float, default=0.0,
+                   help="reward task: the score of a wrong answer that starts with a number (PPO's "
+                        "ppo.arithmetic_format_credit)")
     p.add_argument("--reward-model", help="reward-model export that scores the pairs of the model named rm")
     args = p.parse_args(argv)
 
@@ -148,7 +153,8 @@ def main(argv=None) -> dict:
     out = {}
     for name, path, tasks in args.model:
         out[name] = evaluate(path, tasks, args.raw, tokenizer, args.samples, args.seed, args.max_new_tokens,
-                             reward_model=args.reward_model if name == "rm" else None)
+                             reward_model=args.reward_model if name == "rm" else None,
+                             format_credit=args.format_credit)
         print(f"{name}: " + json.dumps(out[name]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

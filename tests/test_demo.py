@@ -17,7 +17,8 @@ TINY_RECIPES = ["pretrain_tiny.yaml", "sft_tiny.yaml", "rm_tiny_cpu.yaml", "ppo_
 PATH_FLAGS = ("--data-path", "--data-cache-path", "--save", "--load", "--tensorboard-dir", "--sft-data-path",
               "--pretrained-checkpoint", "--model-path", "--train-data-path", "--test-data-path", "--export-dir",
               "--actor-path", "--reward-path", "--prompt-data-path", "--ptx-data-path")
-PRUNED = {"demo_out/ckpt/rm"}  # the reward model's DeepSpeed state: deleted once exported
+# the reward model's DeepSpeed state and the SFT checkpoint: deleted once exported to HF
+PRUNED = {"demo_out/ckpt/rm", "demo_out/ckpt/sft"}
 
 
 def demo_paths(text: str) -> list:
@@ -65,7 +66,7 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     # stop/resume; SFT lowered the held-out assistant loss and kept plain-text perplexity within
     # 1.5x of the base; the reward model prefers the right sum to a repeated operand on sums it
     # never saw (the SFT model's likelihood prefers the copy; measured 0.048 -> 0.784 at --smoke)
-    # (the PPO gain needs more steps than --smoke: see tests/test_ppo_arithmetic.py)
+    # (the PPO gain needs more steps than --smoke: see tests/test_ppo_arithmetic.py and docs/ppo.md)
     assert metric["pretrain-resume"].startswith("held-out ppl"), metric["pretrain-resume"]
     ev = json.loads((out / "eval" / "heldout.json").read_text())
     assert ev["sft"]["assistant_loss"] < ev["base"]["assistant_loss"], ev
@@ -75,6 +76,7 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
         assert " -> " in metric[stage], (stage, metric[stage])
     chat = json.loads((out / "chat.json").read_text())
     assert chat["same"] and chat["megatron_core"] == chat["transformers"]
+    assert chat["transformers"].strip(), chat  # PPO's unfinished-answer penalty once taught it to stop at once
     assert (out / "curves.png").stat().st_size > 10_000
     # the pretraining checkpoint went through a real stop and resume
     log = (out / "logs" / "pretrain-resume.log").read_text()

@@ -166,6 +166,29 @@ def test_arithmetic_reward_reads_the_question_and_the_first_integer():
     assert scores.tolist() == [1.0, 0.0]
 
 
+def test_arithmetic_format_credit_scores_a_wrong_number_first_answer_only():
+    """ppo.arithmetic_format_credit: a wrong answer that starts with a number gets the credit,
+    prose or an empty answer none, a right one still 1 (the demo's SFT model rarely answers in
+    the format, so without it PPO has almost nothing to learn from)."""
+    from megatron_qwen.config import ConfigError
+    from megatron_qwen.rlhf.ppo.config import PPOConfig
+    from megatron_qwen.rlhf.ppo.rule_reward import ArithmeticReward, score_text
+    from megatron_qwen.tokenizer import load_tokenizer, render_chatml_prompt
+
+    q = "How much is 3 + 4?"
+    assert [score_text(q, r, 0.5) for r in ("7", " 9", "-2 or so", "the 7", "", "seven")] == [1.0, 0.5, 0.5, 1.0, 0.0, 0.0]
+    assert score_text("hello", "7", 0.5) == 0.0  # no question: nothing to answer in a format
+    assert score_text(q, " 9") == 0.0  # the default: correctness only
+    tok = load_tokenizer(None)
+    prompt = render_chatml_prompt([{"role": "user", "content": q}], tok)
+    rows = [tok.encode(t) + [tok.im_end_id] for t in ("7", "9", "I")]
+    seqs = torch.tensor([prompt + r for r in rows])
+    assert ArithmeticReward(tok, 0.25)(seqs, torch.ones_like(seqs), len(prompt)).tolist() == [1.0, 0.25, 0.0]
+    PPOConfig(reward="arithmetic", arithmetic_format_credit=0.5).validate()
+    with pytest.raises(ConfigError, match="ppo.arithmetic_format_credit=1.0"):
+        PPOConfig(reward="arithmetic", arithmetic_format_credit=1.0).validate()
+
+
 def test_unknown_reward_is_a_config_error_naming_the_field():
     from megatron_qwen.config import ConfigError
     from megatron_qwen.rlhf.ppo.config import PPOConfig

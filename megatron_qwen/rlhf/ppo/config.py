@@ -94,10 +94,15 @@ class PPOConfig:
     # model: the reward model's score (models.reward_path); arithmetic: 1 if the response answers
     # the prompt's "A op B" right, else 0 (megatron_qwen/rlhf/ppo/rule_reward.py)
     reward: str = "model"  # what scores a response: model (the reward model) | arithmetic (the rule)
+    # arithmetic: the score of a wrong answer that starts with an integer (0: correctness only)
+    arithmetic_format_credit: float = 0.0  # arithmetic rule: partial score for a wrong answer in the format
 
     def validate(self) -> None:
         if self.reward not in REWARDS:
             raise ConfigError(f"ppo.reward={self.reward!r}: choose {' or '.join(REWARDS)}")
+        if not 0.0 <= self.arithmetic_format_credit < 1.0:
+            raise ConfigError(f"ppo.arithmetic_format_credit={self.arithmetic_format_credit} must be in [0, 1) "
+                              "(a right answer scores 1)")
         for name in ("kl_coef", "clip_ratio", "value_clip", "entropy_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name}={getattr(self, name)} must be >= 0")

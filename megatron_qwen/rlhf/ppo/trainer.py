@@ -76,7 +76,7 @@ class PPOTrainer:
         if cfg.ptx.ptx_data_path and cfg.ptx.ptx_coef > 0:
             self.ptx = PtxBatches(cfg.ptx.ptx_data_path, cfg.ptx.ptx_seq_length, cfg.ptx.ptx_batch_size,
                                   cfg.train.seed, self.pad_id, vocab_size=vocab)
-        self.rule_reward = ArithmeticReward(tokenizer) if arithmetic else None
+        self.rule_reward = ArithmeticReward(tokenizer, cfg.ppo.arithmetic_format_credit) if arithmetic else None
         stats = None if arithmetic else self.engines.reward_stats
         # start from the reward model's own statistics when its export has them
         self.normaliser = ppo_math.RunningMeanStd(
