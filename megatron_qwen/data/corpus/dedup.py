@@ -184,6 +184,11 @@ class _ExactWork:
                  dump_line(doc.record)) for doc in docs]
 
 
+def _read_options(dd: DedupConfig) -> ReadOptions:
+    """orjson where it gives the standard parser's records (``fast_json``): the same bytes out."""
+    return ReadOptions(required_keys=(dd.text_key,), fast_json=True)
+
+
 def _place(file: str, line: int, ident) -> dict:
     out = {"file": file, "line": line}
     if ident is not None:
@@ -195,7 +200,7 @@ def run_exact(cfg: DedupToolConfig) -> Summary:
     """One pass: keep a record unless its normalised text was seen earlier in the input."""
     job, dd = cfg.job, cfg.dedup
     summary = DedupSummary("dedup exact", job)
-    read = ReadOptions(required_keys=(dd.text_key,))
+    read = _read_options(dd)
     seen: dict = {}
     paths = (dd.output, dd.report) + ((dd.removed,) if dd.removed else ())
     with atomic_paths(*paths) as tmps:
@@ -280,7 +285,7 @@ def run_minhash(cfg: DedupToolConfig) -> Summary:
     job, dd = cfg.job, cfg.dedup
     bands, rows = dd.band_shape()
     summary = DedupSummary("dedup minhash", job)
-    read = ReadOptions(required_keys=(dd.text_key,))
+    read = _read_options(dd)
     places, sigs = [], []
     for chunk_places, chunk_sigs in map_chunks(_SignWork(dd), job, read, summary):
         places += chunk_places
@@ -438,7 +443,7 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
     job, dd = cfg.job, cfg.dedup
     parts, exact = dd.partitions, dd.method == "exact"
     summary = DedupSummary(f"dedup {dd.method}", job)
-    read = ReadOptions(required_keys=(dd.text_key,))
+    read = _read_options(dd)
     bands, rows = (0, 0) if exact else dd.band_shape()
     dtype = "<u4" if dd.scheme == "affine32" else "<u8"
     P = partitioned

@@ -21,6 +21,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
@@ -65,9 +66,9 @@ class ReadOptions:
     strings: bool = True  # required fields must be strings (False: any JSON value, e.g. messages)
     max_doc_bytes: int = 8_000_000  # longer lines are skipped (0: no limit)
     strict: bool = False  # raise on the first skipped line instead of counting it
-    # parse with orjson when installed, falling back to the standard parser on any line it
-    # rejects (so what is accepted and each skip's reason are unchanged). orjson turns integers
-    # beyond 64 bits into floats, so only for tools that never write records back (preprocess)
+    # parse with orjson when installed; the standard parser takes every line orjson rejects and
+    # every line where the two could differ (``_same_as_stdlib``), so the records, what is
+    # accepted and each skip's reason are those of the standard parser (tested)
     fast_json: bool = False
 
 
@@ -185,6 +186,31 @@ def iter_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20, max_doc_bytes:
 
 
 _NOT_PARSED = object()
+# orjson turns an integer outside 64 bits (20+ digits; 19 is the least that can overflow) into a
+# float, and accepts nesting to depth 1023 where the standard parser's recursion limit stops sooner
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_DEEP = 500  # containers nested deeper go to the standard parser
+
+
+def _same_as_stdlib(record, raw: bytes) -> bool:
+    """Whether orjson's ``record`` of ``raw`` is surely what the standard parser gives.
+
+    One walk of the containers: too deep, or a float anywhere while ``raw`` has a run of 19
+    digits (the float could be a wide integer), and it may not be. Plain records (strings and
+    small integers) cost one look at each value; the digit scan runs only when there is a float.
+    """
+    floats = isinstance(record, float)
+    stack = [(record, 1)] if isinstance(record, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > _DEEP:
+            return False
+        for v in value.values() if isinstance(value, dict) else value:
+            if isinstance(v, float):
+                floats = True
+            elif isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+    return not floats or _LONG_DIGITS.search(raw) is None
 
 
 def _orjson_loads():
@@ -217,6 +243,8 @@ def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
                 record = fast_loads(raw)
             except ValueError:
                 pass
+            if record is not _NOT_PARSED and not _same_as_stdlib(record, raw):
+                record = _NOT_PARSED
         checked = record is not _NOT_PARSED
         if not checked:
             try:
