@@ -213,19 +213,17 @@ def _same_as_stdlib(record, raw: bytes) -> bool:
     return not floats or _LONG_DIGITS.search(raw) is None
 
 
-def _orjson_loads():
-    try:
-        import orjson
-    except ImportError:
-        return None
-    return orjson.loads
+try:  # imported here, once in the driver, so forked workers inherit it (not once per worker)
+    from orjson import loads as _orjson_loads
+except ImportError:
+    _orjson_loads = None
 
 
 def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
     """The records of a chunk as ``Doc``s; bad lines go to ``skips`` (or raise when strict)."""
     docs = []
     required, limit, strict = opts.required_keys, opts.max_doc_bytes, opts.strict
-    fast_loads = _orjson_loads() if opts.fast_json else None
+    fast_loads = _orjson_loads if opts.fast_json else None
     lines = chunk.data.split(b"\n")
     if chunk.data.endswith(b"\n"):
         lines.pop()  # what follows the last newline is not a line

@@ -211,6 +211,8 @@ class Tasks:
             if self._pool is None:
                 import multiprocessing
 
+                import numpy.ma  # noqa: F401  np.unique imports it on first call: once here, not per worker
+
                 methods = multiprocessing.get_all_start_methods()
                 ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
                 self._pool = ctx.Pool(self.workers)
