@@ -116,6 +116,22 @@ def test_fast_json_gives_the_standard_parsers_records_exactly(tmp_path):
     assert len(out[False][0]) == 11  # the edges above are records, not skips (all but 4)
 
 
+def test_dump_line_writes_what_the_standard_encoder_writes():
+    # flat records go through orjson field by field: every code point, every integer width and
+    # every value type must give json.dumps(record, ensure_ascii=False)'s bytes
+    from megatron_qwen.data.corpus.jsonl import dump_line
+
+    every_char = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    records = [{}, {"text": every_char, "id": "x"}, {'k"\\\n\x00': "\x1f\x7f\u2028\u2029\ufeff"},
+               {"a": 2**63 - 1, "b": -2**63, "c": 2**64 - 1, "d": 2**64, "e": -2**63 - 1},
+               {"t": True, "f": False, "n": None, "z": 0, "m": -0}, {"x": 0.1, "y": float("nan")},
+               {"nested": {"a": [1, "b"]}}, {"l": []}, {1: "a"}]
+    for record in records:
+        assert dump_line(record) == (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), record
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot be written, as before
+        dump_line({"text": "\ud800"})
+
+
 def test_strict_turns_the_first_skip_into_a_one_line_error(tmp_path):
     path = bad_file(tmp_path)
     with pytest.raises(CorpusError) as err:
