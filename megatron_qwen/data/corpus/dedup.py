@@ -239,6 +239,7 @@ class _SignWork:
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.params = (dd.num_perm, dd.seed, dd.scheme)
         self._hasher = None
+        minhash.build_tables()  # here in the driver: forked workers inherit them
 
     def __getstate__(self):
         return {**self.__dict__, "_hasher": None}
@@ -258,6 +259,7 @@ class _ShingleWork:
         self.text_key = dd.text_key
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.wanted = wanted
+        minhash.build_tables()
 
     def __call__(self, docs):
         hits = [(doc.file, doc.line, doc.record[self.text_key]) for doc in docs
@@ -404,6 +406,7 @@ class _WantedShingles:
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.index = {path: i for i, path in enumerate(inputs)}
         self.path = os.path.join(work, "wanted_keys.bin")
+        minhash.build_tables()
 
     def __call__(self, docs):
         # mapped per chunk, not once per worker: a map's touched pages stay in the worker's RSS
