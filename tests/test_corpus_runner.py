@@ -119,7 +119,7 @@ def test_fast_json_gives_the_standard_parsers_records_exactly(tmp_path):
 def test_dump_line_writes_what_the_standard_encoder_writes():
     # flat records go through orjson field by field: every code point, every integer width and
     # every value type must give json.dumps(record, ensure_ascii=False)'s bytes
-    from megatron_qwen.data.corpus.jsonl import dump_line
+    from megatron_qwen.data.corpus.jsonl import compact_line, dump_line
 
     every_char = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
     records = [{}, {"text": every_char, "id": "x"}, {'k"\\\n\x00': "\x1f\x7f\u2028\u2029\ufeff"},
@@ -130,6 +130,11 @@ def test_dump_line_writes_what_the_standard_encoder_writes():
         assert dump_line(record) == (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), record
     with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot be written, as before
         dump_line({"text": "\ud800"})
+    # compact_line (dedup's place file): read back as the same values, of the same types
+    for record in records[1:-1]:
+        values = ["f", 1, *record.values()]
+        back = json.loads(compact_line(values))
+        assert json.dumps(back) == json.dumps(values) and list(map(type, back)) == list(map(type, values)), values
 
 
 def test_strict_turns_the_first_skip_into_a_one_line_error(tmp_path):

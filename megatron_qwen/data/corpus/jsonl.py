@@ -400,3 +400,14 @@ def dump_line(record: dict) -> bytes:
         except TypeError:
             pass
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def compact_line(values: list) -> bytes:
+    """A JSON line that ``json.loads`` reads back as ``values`` exactly (work files, not output):
+    orjson when every value is flat (see ``dump_line``), else the standard encoder."""
+    if _orjson_dumps is not None and all(type(v) in _FLAT for v in values):
+        try:
+            return _orjson_dumps(values) + b"\n"
+        except TypeError:  # an integer wider than 64 bits, a lone surrogate
+            pass
+    return (json.dumps(values, ensure_ascii=False) + "\n").encode("utf-8")
