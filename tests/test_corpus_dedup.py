@@ -405,6 +405,23 @@ def test_partitioned_writes_what_the_in_memory_path_writes(tmp_path, english_wor
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("dedup-work-")]
 
 
+def test_records_and_ids_the_fast_parser_would_change_are_written_exactly(tmp_path):
+    """Dedup parses and writes with orjson where that gives the standard library's bytes: ids
+    wider than 64 bits (orjson: floats), floats, nesting, non-ASCII and escapes come out as the
+    standard parser and encoder write them, in the output and in the report's duplicate_of."""
+    wide = 123456789012345678901234567890
+    lines = ['{"id": %d, "text": "caf\\u00e9 \\ud83d\\ude00 same text", "x": 0.30000000000000004}' % wide,
+             '{"id": -9223372036854775809, "text": "other \\"quoted\\" text", "m": {"k": [1, 1e-400]}}',
+             '{"id": 18446744073709551616, "text": "caf\u00e9 \U0001F600 same  text!"}',
+             '{"id": 7, "text": "OTHER \\"quoted\\" text", "n": NaN}']
+    records = [l + "\n" for l in lines]
+    expected = [(json.dumps(json.loads(l), ensure_ascii=False) + "\n").encode("utf-8") for l in lines]
+    for flags in ((), ("--partitions", "2")):
+        _, report, _, out = _run(tmp_path, records, "--method", "exact", *flags, name="p" if flags else "m")
+        assert out.read_bytes() == b"".join(expected[:2]), flags
+        assert [(r["id"], r["duplicate_of"]["id"]) for r in report] == [(18446744073709551616, wide), (7, -9223372036854775809)]
+
+
 def test_partitioned_clusters_equal_lsh_clusters(tmp_path):
     """The partition tasks (buckets, min-label propagation, sizes) give ``lsh_clusters``' roots
     on signatures with a 40-document chain (40 rounds of propagation), planted clusters, empty

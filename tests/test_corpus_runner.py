@@ -78,6 +78,65 @@ def test_reader_counts_every_bad_line_with_its_place(tmp_path, fast_json):
         assert slow.places == skips.places
 
 
+# lines where orjson's record is not the standard parser's (wide integers become floats, nesting
+# to 1023 is accepted), or could be (floats at the edges of the double range, escapes, repeats)
+FAST_JSON_EDGES = [
+    b'{"text": "a", "id": 123456789012345678901234567890}',
+    b'{"text": "b", "id": -9223372036854775809, "score": 0.5}',
+    b'{"text": "c", "id": 18446744073709551616}',
+    b'{"text": "d", "id": 18446744073709551615, "n": -0}',
+    b'{"text": "e", "meta": {"ids": [1, 99999999999999999999], "p": 0.1}}',
+    b'{"text": "f 1234567890123456789012", "x": [5e-324, 1.7976931348623157e308, 2.2250738585072011e-308, 1e-400]}',
+    b'{"text": "g", "x": 0.30000000000000004, "y": 1E5, "z": -0.0}',
+    '{"text": "caf\\u00e9 \\ud83d\\ude00 \u4e2d\u6587 \u00e9", "t": "\\u0000\\"\\\\/"}'.encode(),
+    b'{"text": "h", "x": ' + b"[" * 600 + b"]" * 600 + b"}",
+    b'{"text": "i", "x": ' + b"[" * 1010 + b"]" * 1010 + b"}",
+    b'{"text": "j", "x": ' + b'{"a":' * 499 + b"1" + b"}" * 499 + b"}",
+    b'{"text": "k", "text": "again"}',
+    b'{"text": "l", "x": "\\udc00"}',
+    b'{"text": "m", "x": NaN, "y": Infinity, "z": 1e400}',
+    b"123456789012345678901234567890",
+]
+
+
+def test_fast_json_gives_the_standard_parsers_records_exactly(tmp_path):
+    # dedup parses with orjson and writes the records back: every record must be the standard
+    # parser's, value for value and type for type (a wide id turned into a float would change
+    # the output and the report), and every skip the same
+    from megatron_qwen.data.corpus.jsonl import dump_line
+
+    path = tmp_path / "edges.jsonl"
+    path.write_bytes(b"\n".join(FAST_JSON_EDGES) + b"\n")
+    out = {}
+    for fast in (False, True):
+        skips = SkipLog()
+        docs = list(read_jsonl([str(path)], ReadOptions(fast_json=fast), skips))
+        out[fast] = ([(d.line, dump_line(d.record), repr(d.record)) for d in docs], skips.places)
+    assert out[True] == out[False]
+    assert len(out[False][0]) == 11  # the edges above are records, not skips (all but 4)
+
+
+def test_dump_line_writes_what_the_standard_encoder_writes():
+    # flat records go through orjson field by field: every code point, every integer width and
+    # every value type must give json.dumps(record, ensure_ascii=False)'s bytes
+    from megatron_qwen.data.corpus.jsonl import compact_line, dump_line
+
+    every_char = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    records = [{}, {"text": every_char, "id": "x"}, {'k"\\\n\x00': "\x1f\x7f\u2028\u2029\ufeff"},
+               {"a": 2**63 - 1, "b": -2**63, "c": 2**64 - 1, "d": 2**64, "e": -2**63 - 1},
+               {"t": True, "f": False, "n": None, "z": 0, "m": -0}, {"x": 0.1, "y": float("nan")},
+               {"nested": {"a": [1, "b"]}}, {"l": []}, {1: "a"}]
+    for record in records:
+        assert dump_line(record) == (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), record
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate cannot be written, as before
+        dump_line({"text": "\ud800"})
+    # compact_line (dedup's place file): read back as the same values, of the same types
+    for record in records[1:-1]:
+        values = ["f", 1, *record.values()]
+        back = json.loads(compact_line(values))
+        assert json.dumps(back) == json.dumps(values) and list(map(type, back)) == list(map(type, values)), values
+
+
 def test_strict_turns_the_first_skip_into_a_one_line_error(tmp_path):
     path = bad_file(tmp_path)
     with pytest.raises(CorpusError) as err:

@@ -184,6 +184,11 @@ class _ExactWork:
                  dump_line(doc.record)) for doc in docs]
 
 
+def _read_options(dd: DedupConfig) -> ReadOptions:
+    """orjson where it gives the standard parser's records (``fast_json``): the same bytes out."""
+    return ReadOptions(required_keys=(dd.text_key,), fast_json=True)
+
+
 def _place(file: str, line: int, ident) -> dict:
     out = {"file": file, "line": line}
     if ident is not None:
@@ -195,7 +200,7 @@ def run_exact(cfg: DedupToolConfig) -> Summary:
     """One pass: keep a record unless its normalised text was seen earlier in the input."""
     job, dd = cfg.job, cfg.dedup
     summary = DedupSummary("dedup exact", job)
-    read = ReadOptions(required_keys=(dd.text_key,))
+    read = _read_options(dd)
     seen: dict = {}
     paths = (dd.output, dd.report) + ((dd.removed,) if dd.removed else ())
     with atomic_paths(*paths) as tmps:
@@ -234,6 +239,7 @@ class _SignWork:
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.params = (dd.num_perm, dd.seed, dd.scheme)
         self._hasher = None
+        minhash.build_tables()  # here in the driver: forked workers inherit them
 
     def __getstate__(self):
         return {**self.__dict__, "_hasher": None}
@@ -253,6 +259,7 @@ class _ShingleWork:
         self.text_key = dd.text_key
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.wanted = wanted
+        minhash.build_tables()
 
     def __call__(self, docs):
         hits = [(doc.file, doc.line, doc.record[self.text_key]) for doc in docs
@@ -280,7 +287,7 @@ def run_minhash(cfg: DedupToolConfig) -> Summary:
     job, dd = cfg.job, cfg.dedup
     bands, rows = dd.band_shape()
     summary = DedupSummary("dedup minhash", job)
-    read = ReadOptions(required_keys=(dd.text_key,))
+    read = _read_options(dd)
     places, sigs = [], []
     for chunk_places, chunk_sigs in map_chunks(_SignWork(dd), job, read, summary):
         places += chunk_places
@@ -399,6 +406,7 @@ class _WantedShingles:
         self.spec = minhash.ShingleSpec(dd.shingle, dd.ngram, dd.char_ngram)
         self.index = {path: i for i, path in enumerate(inputs)}
         self.path = os.path.join(work, "wanted_keys.bin")
+        minhash.build_tables()
 
     def __call__(self, docs):
         # mapped per chunk, not once per worker: a map's touched pages stay in the worker's RSS
@@ -438,7 +446,7 @@ def run_partitioned(cfg: DedupToolConfig) -> Summary:
     job, dd = cfg.job, cfg.dedup
     parts, exact = dd.partitions, dd.method == "exact"
     summary = DedupSummary(f"dedup {dd.method}", job)
-    read = ReadOptions(required_keys=(dd.text_key,))
+    read = _read_options(dd)
     bands, rows = (0, 0) if exact else dd.band_shape()
     dtype = "<u4" if dd.scheme == "affine32" else "<u8"
     P = partitioned

@@ -21,6 +21,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
@@ -65,9 +66,9 @@ class ReadOptions:
     strings: bool = True  # required fields must be strings (False: any JSON value, e.g. messages)
     max_doc_bytes: int = 8_000_000  # longer lines are skipped (0: no limit)
     strict: bool = False  # raise on the first skipped line instead of counting it
-    # parse with orjson when installed, falling back to the standard parser on any line it
-    # rejects (so what is accepted and each skip's reason are unchanged). orjson turns integers
-    # beyond 64 bits into floats, so only for tools that never write records back (preprocess)
+    # parse with orjson when installed; the standard parser takes every line orjson rejects and
+    # every line where the two could differ (``_same_as_stdlib``), so the records, what is
+    # accepted and each skip's reason are those of the standard parser (tested)
     fast_json: bool = False
 
 
@@ -185,21 +186,44 @@ def iter_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20, max_doc_bytes:
 
 
 _NOT_PARSED = object()
+# orjson turns an integer outside 64 bits (20+ digits; 19 is the least that can overflow) into a
+# float, and accepts nesting to depth 1023 where the standard parser's recursion limit stops sooner
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_DEEP = 500  # containers nested deeper go to the standard parser
 
 
-def _orjson_loads():
-    try:
-        import orjson
-    except ImportError:
-        return None
-    return orjson.loads
+def _same_as_stdlib(record, raw: bytes) -> bool:
+    """Whether orjson's ``record`` of ``raw`` is surely what the standard parser gives.
+
+    One walk of the containers: too deep, or a float anywhere while ``raw`` has a run of 19
+    digits (the float could be a wide integer), and it may not be. Plain records (strings and
+    small integers) cost one look at each value; the digit scan runs only when there is a float.
+    """
+    floats = isinstance(record, float)
+    stack = [(record, 1)] if isinstance(record, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > _DEEP:
+            return False
+        for v in value.values() if isinstance(value, dict) else value:
+            if isinstance(v, float):
+                floats = True
+            elif isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+    return not floats or _LONG_DIGITS.search(raw) is None
+
+
+try:  # imported here, once in the driver, so forked workers inherit it (not once per worker)
+    from orjson import dumps as _orjson_dumps, loads as _orjson_loads
+except ImportError:
+    _orjson_dumps = _orjson_loads = None
 
 
 def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
     """The records of a chunk as ``Doc``s; bad lines go to ``skips`` (or raise when strict)."""
     docs = []
     required, limit, strict = opts.required_keys, opts.max_doc_bytes, opts.strict
-    fast_loads = _orjson_loads() if opts.fast_json else None
+    fast_loads = _orjson_loads if opts.fast_json else None
     lines = chunk.data.split(b"\n")
     if chunk.data.endswith(b"\n"):
         lines.pop()  # what follows the last newline is not a line
@@ -217,6 +241,8 @@ def parse_chunk(chunk: Chunk, opts: ReadOptions, skips: SkipLog) -> list:
                 record = fast_loads(raw)
             except ValueError:
                 pass
+            if record is not _NOT_PARSED and not _same_as_stdlib(record, raw):
+                record = _NOT_PARSED
         checked = record is not _NOT_PARSED
         if not checked:
             try:
@@ -351,6 +377,37 @@ def read_jsonl(paths: Iterable[str], opts: ReadOptions = ReadOptions(), skips: O
         yield from parse_chunk(chunk, opts, skips)
 
 
+_FLAT = (str, int, bool, type(None))  # values orjson writes as the standard encoder does
+
+
 def dump_line(record: dict) -> bytes:
-    """One JSONL line, UTF-8, non-ASCII kept readable."""
+    """One JSONL line, UTF-8, non-ASCII kept readable: ``json.dumps(record, ensure_ascii=False)``.
+
+    A flat record (string keys; string, integer, bool or null values) is written field by field
+    with orjson, which escapes every string and writes every 64-bit integer exactly as the
+    standard encoder does (tested), at a fraction of its cost; anything else (floats, nesting,
+    wider integers, lone surrogates) by the standard encoder.
+    """
+    if _orjson_dumps is not None and type(record) is dict:
+        fields = []
+        try:  # orjson's JSONEncodeError (an integer wider than 64 bits, a lone surrogate) is a TypeError
+            for key, value in record.items():
+                if type(key) is not str or type(value) not in _FLAT:
+                    break
+                fields.append(_orjson_dumps(key) + b": " + _orjson_dumps(value))
+            else:
+                return b"{" + b", ".join(fields) + b"}\n"
+        except TypeError:
+            pass
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def compact_line(values: list) -> bytes:
+    """A JSON line that ``json.loads`` reads back as ``values`` exactly (work files, not output):
+    orjson when every value is flat (see ``dump_line``), else the standard encoder."""
+    if _orjson_dumps is not None and all(type(v) in _FLAT for v in values):
+        try:
+            return _orjson_dumps(values) + b"\n"
+        except TypeError:  # an integer wider than 64 bits, a lone surrogate
+            pass
+    return (json.dumps(values, ensure_ascii=False) + "\n").encode("utf-8")

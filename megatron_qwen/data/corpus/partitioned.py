@@ -45,6 +45,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from megatron_qwen.data.corpus import minhash
+from megatron_qwen.data.corpus.jsonl import compact_line
 
 BUCKET = np.dtype([("band", "<i4"), ("key", "<u8"), ("pos", "<i8")])
 EXACT = np.dtype([("k1", "<u8"), ("k2", "<u8"), ("pos", "<i8")])
@@ -148,8 +149,7 @@ class PlaceStore:
 
 def places_blob(docs, id_key: str) -> tuple[bytes, np.ndarray]:
     """Worker side of ``PlaceStore.add``: the chunk's place lines and their lengths."""
-    lines = [(json.dumps([d.file, d.line, d.record.get(id_key)], ensure_ascii=False) + "\n").encode("utf-8")
-             for d in docs]
+    lines = [compact_line([d.file, d.line, d.record.get(id_key)]) for d in docs]
     return b"".join(lines), np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
 
 
@@ -210,6 +210,8 @@ class Tasks:
         if self.workers > 1 and len(args) > 1:
             if self._pool is None:
                 import multiprocessing
+
+                import numpy.ma  # noqa: F401  np.unique imports it on first call: once here, not per worker
 
                 methods = multiprocessing.get_all_start_methods()
                 ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
