@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import warnings
 
 import torch
 import torch.utils._device
@@ -202,6 +203,10 @@ def install() -> bool:
     # CudaRNGStatesTracker.fork warns when the CPU state moved inside the fork; on CPU the forked
     # generator *is* the CPU generator, so that warning would fire on every dropout call.
     logging.getLogger(mc_random.__name__).addFilter(_drop_cpu_rng_warning)
+    # layers.py advises CUDA_DEVICE_MAX_CONNECTIONS=1 for async TP all-reduce: a CUDA stream setting
+    # with no meaning on CPU (on GPU nodes slurm/common.sh exports it and the advice stays).
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended to set "
+                            "the environment variable CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
 
     _installed = True
     return True
