@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qwen.config import ModelConfig, ParallelConfig, load_model_config
+from megatron_qwen.config import ModelConfig, ParallelConfig
 from megatron_qwen.inference.generation import (
     SamplingParams,
     apply_repetition_penalty,
@@ -26,22 +26,9 @@ from megatron_qwen.inference.react import (
     run_tool,
 )
 from megatron_qwen.model import build_model
-from megatron_qwen.runtime import destroy, init_distributed
 from tests.scripts.model_common import full_mcore_state, hf_reference, load_into_chunks
 
 DATA = Path(__file__).parent / "data" / "multilingual.jsonl"
-
-
-@pytest.fixture(scope="module")
-def world():
-    init_distributed(ParallelConfig(), seed=1)
-    yield
-    destroy()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_config("tiny_vocab")  # trained length 64
 
 
 @pytest.fixture(scope="module")

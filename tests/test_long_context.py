@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_qwen.config import ModelConfig, ParallelConfig, load_model_config
+from megatron_qwen.config import ModelConfig, ParallelConfig
 from megatron_qwen.inference.loading import LongContext, set_long_context
 from megatron_qwen.model import build_model
 from megatron_qwen.model.long_context import (
@@ -18,7 +18,6 @@ from megatron_qwen.model.long_context import (
     window_mask,
     window_sizes_from_rule,
 )
-from megatron_qwen.runtime import destroy, init_distributed
 from tests.scripts.model_common import full_mcore_state, hf_reference, load_into_chunks
 
 TOL = 1e-4
@@ -90,18 +89,6 @@ def test_window_rules_and_mask():
 
 
 # --------------------------------------------------------------------------- in the model
-
-
-@pytest.fixture(scope="module")
-def world():
-    init_distributed(ParallelConfig(), seed=1)
-    yield
-    destroy()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_config("tiny_vocab")  # seq_length 64, head dim 16
 
 
 @pytest.fixture(scope="module")

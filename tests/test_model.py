@@ -11,23 +11,9 @@ import torch
 
 from megatron_qwen.config import ConfigError, ModelConfig, ParallelConfig, load_model_config
 from megatron_qwen.model import build_model, check_layout, count_parameters, transformer_config
-from megatron_qwen.runtime import destroy, init_distributed
 from tests.scripts.model_common import full_mcore_state, hf_reference, load_into_chunks
 
 TOL = 1e-4  # max abs logit difference in fp32
-
-
-@pytest.fixture(scope="module")
-def world():
-    """A world of one process with TP=PP=1 (gloo, in-memory store)."""
-    init_distributed(ParallelConfig(), seed=1)
-    yield
-    destroy()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_config("tiny_vocab")
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,13 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_qwen.config import ConfigError, ModelConfig, ParallelConfig, load_model_config
+from megatron_qwen.config import ConfigError, ParallelConfig
 from megatron_qwen.model import build_model, transformer_config
 from megatron_qwen.model.layer_spec import choose_transformer_impl, qwen_layer_spec
 from megatron_qwen.runtime import destroy, init_distributed
 
 TE, LOCAL = "transformer_engine", "local"
 SP2 = dict(tensor_model_parallel_size=2, sequence_parallel=True)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_config("tiny_vocab")
 
 
 def _model(tiny, **fields):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qwen.config import ModelConfig, ParallelConfig, load_model_config
+from megatron_qwen.config import ModelConfig, ParallelConfig
 from megatron_qwen.model import build_model, varlen
-from megatron_qwen.runtime import destroy, init_distributed, seed_everything
+from megatron_qwen.runtime import seed_everything
 from tests.dist import run_torchrun
 from tests.scripts.varlen_common import SEQ, dense_masks, documents, masked_mean, packed_batch
 
@@ -20,18 +20,6 @@ from tests.scripts.varlen_common import SEQ, dense_masks, documents, masked_mean
 # softmax; RoPE at restarted vs absolute positions). Observed: loss <= 7e-8 relative, gradients
 # <= 6.2e-7 of the largest gradient; the bounds are ten times that.
 LOSS_RTOL, GRAD_RTOL = 1e-6, 1e-5
-
-
-@pytest.fixture(scope="module")
-def world():
-    init_distributed(ParallelConfig(), seed=1)
-    yield
-    destroy()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model_config("tiny_vocab")
 
 
 def model_of(cfg: ModelConfig, **overrides):
