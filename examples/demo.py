@@ -145,9 +145,10 @@ def first_last(logdir: Path, tag: str) -> Optional[tuple]:
 
 
 # Run-to-run noise of the PPO row's "after": the spread (max - min) of the held-out mean reward
-# over PPO seeds 1234, 1, 2 from the same SFT model, measured once (docs/ppo.md: 0.2525, 0.29,
-# 0.2725 from 0.1625). The row states whether the gain exceeds it.
-PPO_SEED_SPREAD = 0.0375
+# over PPO seeds 1234, 1, 2 (--seed and --rollout-seed) from the same SFT model and reward model,
+# measured once on the full demo (docs/ppo.md: 0.2275, 0.235, 0.1925 from 0.1625). The row states
+# whether the gain exceeds it.
+PPO_SEED_SPREAD = 0.0425
 
 
 def heldout_metric(eval_json: Path, stage: str, logdir: Path) -> Callable[[], str]:
