@@ -32,7 +32,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_qwen.model.long_context import window_mask
 
 try:  # flash-attn is a GPU extra
     from flash_attn import flash_attn_varlen_func
@@ -119,6 +118,8 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: Optional[int
                                                             device=doc.device).tril()
     masked = ~allowed
     if window is not None:
+        from megatron_qwen.model.long_context import window_mask  # megatron-core: only with windows
+
         masked |= window_mask(total, total, window, doc.device)
     return masked
 
@@ -170,6 +171,8 @@ def reference(q, k, v, cu_seqlens, scale: float, window: Optional[int] = None, d
     for start, end in zip(bounds[:-1], bounds[1:]):
         qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [heads, n, hn]
         n = end - start
+        if window is not None:
+            from megatron_qwen.model.long_context import window_mask  # megatron-core: only with windows
         mask = None if window is None else ~window_mask(n, n, window, q.device)
         outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None,
                                                    dropout_p=dropout_p, scale=scale).transpose(0, 1))
