@@ -1,23 +1,18 @@
 """The Qwen decoder on megatron-core: layer spec, RMSNorm, core attention backends, builder.
 
-The names below load megatron-core on first use, not at import: the data side imports
-``model.varlen`` (cu_seqlens helpers, plain torch), and must keep working where megatron-core
-is absent (the bare GPU machine running bench/mfu.py's peer; tests/test_bench_mfu.py)."""
+Where megatron-core cannot be imported (the bare GPU machine running bench/mfu.py's peer;
+tests/test_bench_mfu.py) the package still imports, so the data side can use ``model.varlen``
+(cu_seqlens helpers, plain torch); the builder's names then raise the ImportError on use."""
 
-import importlib
+try:
+    from megatron_qwen.model.builder import build_model, check_layout, count_parameters, transformer_config
+    from megatron_qwen.model.transformer_config import QwenTransformerConfig
+except ImportError as _missing:  # megatron-core absent
+    _why = _missing
 
-_EXPORTS = {
-    "build_model": "megatron_qwen.model.builder",
-    "check_layout": "megatron_qwen.model.builder",
-    "count_parameters": "megatron_qwen.model.builder",
-    "transformer_config": "megatron_qwen.model.builder",
-    "QwenTransformerConfig": "megatron_qwen.model.transformer_config",
-}
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(f"megatron_qwen.model.{name} needs megatron-core: {_why}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["QwenTransformerConfig", "build_model", "check_layout", "count_parameters", "transformer_config"]
