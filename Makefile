@@ -28,7 +28,8 @@ LATEST_PY := $(LATEST_VENV)/bin/python
 LATEST_STAMP := $(LATEST_VENV)/.installed-$(MCORE_LATEST)-$(shell echo $(CURDIR)/$(STAMP) | sha1sum | cut -c1-12)
 LATEST_TESTS ?= tests/test_mcore_versions.py tests/test_runtime.py tests/test_checkpoint_safety.py \
 	tests/test_model_parallel.py tests/test_train_parallel.py tests/test_convert.py \
-	tests/test_train_resume.py tests/test_sft_train.py tests/test_checkpoint_async.py tests/test_fusions.py
+	tests/test_train_resume.py tests/test_sft_train.py tests/test_checkpoint_async.py tests/test_fusions.py \
+	tests/test_te_layout.py
 SITE_PACKAGES = -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 
 $(STAMP): setup.py requirements-cpu.txt

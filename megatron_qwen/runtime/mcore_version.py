@@ -159,3 +159,16 @@ def async_save_arguments() -> dict:
 
     return ({"async_strategy": "mcore"}
             if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {})
+
+
+def batch_on_this_cp_rank(batch: dict) -> dict:
+    """This context-parallel rank's two load-balanced chunks of every sequence in ``batch``
+    (megatron-core's ``get_batch_on_this_cp_rank``): 0.19 added a required ``is_hybrid_cp``
+    argument (False: our CP is plain, one group for all sequences)."""
+    import inspect
+
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
+    return get_batch_on_this_cp_rank(batch)

@@ -197,9 +197,9 @@ def _forward_step(data_iterator, model):
 
     batch = next(data_iterator)
     if ps.get_context_parallel_world_size() > 1:  # this rank's two load-balanced chunks
-        from megatron.core.utils import get_batch_on_this_cp_rank
+        from megatron_qwen.runtime.mcore_version import batch_on_this_cp_rank
 
-        batch = get_batch_on_this_cp_rank(dict(batch))
+        batch = batch_on_this_cp_rank(dict(batch))
     dev = _device()
     packed = None
     if "cu_seqlens" in batch:

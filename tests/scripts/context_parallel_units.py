@@ -16,13 +16,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 
+import megatron_qwen  # noqa: E402,F401  (megatron-core 0.19's import shims, before megatron.core)
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
-from megatron.core.utils import get_batch_on_this_cp_rank  # noqa: E402
 
 from megatron_qwen.config import ParallelConfig  # noqa: E402
 from megatron_qwen.model.long_context import QwenRotaryEmbedding  # noqa: E402
 from megatron_qwen.runtime import destroy, init_distributed  # noqa: E402
+from megatron_qwen.runtime.mcore_version import batch_on_this_cp_rank  # noqa: E402
 from megatron_qwen.training.loop import _mean_loss  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     emb = ours(seq)
     assert emb.shape[0] == seq // 2, emb.shape
     assert torch.equal(emb, ref(seq))
-    positions = get_batch_on_this_cp_rank({"position_ids": torch.arange(seq)[None]})["position_ids"][0]
+    positions = batch_on_this_cp_rank({"position_ids": torch.arange(seq)[None]})["position_ids"][0]
     full = ref.get_emb(seq)
     assert torch.equal(emb, full[positions])
     # two micro-batches; this rank's part of each: (loss sum, token count), counts unequal
