@@ -27,6 +27,8 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megatron_qwen.model.varlen import window_mask  # noqa: F401  (plain torch; re-exported)
+
 
 # --------------------------------------------------------------------------- dynamic NTK
 
@@ -126,14 +128,6 @@ def logn_at(positions: torch.Tensor, train_length: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- windows
-
-
-def window_mask(sq: int, sk: int, window: int, device=None) -> torch.Tensor:
-    """[sq, sk] boolean, True = masked: query i (absolute position sk - sq + i) sees the keys
-    j with pos - window < j <= pos (itself and the window - 1 before it)."""
-    q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
-    k_pos = torch.arange(sk, device=device)[None, :]
-    return (k_pos > q_pos) | (k_pos <= q_pos - window)
 
 
 def window_sizes_from_rule(rule: str, num_layers: int, train_length: int) -> Optional[List[Optional[int]]]:

@@ -33,6 +33,14 @@ import torch
 import torch.nn.functional as F
 
 
+def window_mask(sq: int, sk: int, window: int, device=None) -> torch.Tensor:
+    """[sq, sk] boolean, True = masked: query i (absolute position sk - sq + i) sees the keys
+    j with pos - window < j <= pos (itself and the window - 1 before it)."""
+    q_pos = torch.arange(sk - sq, sk, device=device)[:, None]
+    k_pos = torch.arange(sk, device=device)[None, :]
+    return (k_pos > q_pos) | (k_pos <= q_pos - window)
+
+
 try:  # flash-attn is a GPU extra
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -118,8 +126,6 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: Optional[int
                                                             device=doc.device).tril()
     masked = ~allowed
     if window is not None:
-        from megatron_qwen.model.long_context import window_mask  # megatron-core: only with windows
-
         masked |= window_mask(total, total, window, doc.device)
     return masked
 
@@ -171,8 +177,6 @@ def reference(q, k, v, cu_seqlens, scale: float, window: Optional[int] = None, d
     for start, end in zip(bounds[:-1], bounds[1:]):
         qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [heads, n, hn]
         n = end - start
-        if window is not None:
-            from megatron_qwen.model.long_context import window_mask  # megatron-core: only with windows
         mask = None if window is None else ~window_mask(n, n, window, q.device)
         outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None,
                                                    dropout_p=dropout_p, scale=scale).transpose(0, 1))
