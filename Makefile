@@ -1,7 +1,7 @@
 # `make demo`: the whole Qwen pipeline on a tiny model and a small real corpus, on CPU.
 # `make test`: the test suite. Both create the virtualenv they need on a fresh machine.
-# `make test-mcore-latest`: the runtime, checkpoint-safety, parallel-layout, conversion, resume, SFT
-# and cross-version checkpoint tests on the newest
+# `make test-mcore-latest`: the runtime, checkpoint-safety, parallel-layout, conversion, resume,
+# packed-sequence (THD), async-save, fusion, TE-layout and cross-version checkpoint tests on the newest
 # megatron-core setup.py allows, in a second virtualenv layered over the first (below).
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -28,7 +28,7 @@ LATEST_PY := $(LATEST_VENV)/bin/python
 LATEST_STAMP := $(LATEST_VENV)/.installed-$(MCORE_LATEST)-$(shell echo $(CURDIR)/$(STAMP) | sha1sum | cut -c1-12)
 LATEST_TESTS ?= tests/test_mcore_versions.py tests/test_runtime.py tests/test_checkpoint_safety.py \
 	tests/test_model_parallel.py tests/test_train_parallel.py tests/test_convert.py \
-	tests/test_train_resume.py tests/test_sft_train.py tests/test_checkpoint_async.py tests/test_fusions.py \
+	tests/test_train_resume.py tests/test_varlen.py tests/test_checkpoint_async.py tests/test_fusions.py \
 	tests/test_te_layout.py
 SITE_PACKAGES = -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
 

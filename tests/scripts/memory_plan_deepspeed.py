@@ -1,9 +1,10 @@
 """Measured vs planned peak of reward-model training steps on DeepSpeed ZeRO 0-3 (torchrun, gloo).
 
 The trainer's own pieces (``load_with_head``, ``ds_config_from_group``, ``init_train_engine``,
-``pair_rewards``, ``pairwise_loss``) on a random Qwen2 written to OUT/<model>; the loaded model's
-tensors, then engine construction and two optimizer steps inside PeakAllocations; one JSON line
-per case from rank 0 (the largest rank's peak)."""
+``pair_rewards``, ``pairwise_loss``, ``zero3_construction``) on a random Qwen2 written to
+OUT/<model>; the loaded model's tensors (under ZeRO-3 each rank's partitions, as the trainer builds
+it), then engine construction and two optimizer steps inside PeakAllocations; one JSON line per
+case from rank 0 (the largest rank's peak)."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def write_model(out: Path, name: str) -> Path:
 def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkpointing: bool) -> dict:
     from megatron_qwen.config import build_config
     from megatron_qwen.memory_plan.deepspeed_plan import plan_reward_model
-    from megatron_qwen.memory_plan.measure import PeakAllocations, tensor_bytes
+    from megatron_qwen.memory_plan.measure import PeakAllocations, tensor_bytes, track_cpu_allocations
     from megatron_qwen.rlhf import hf_model
-    from megatron_qwen.rlhf.deepspeed_config import ds_config_from_group, init_train_engine
+    from megatron_qwen.rlhf.deepspeed_config import (ds_config_from_group, init_train_engine,
+                                                     zero3_construction)
     from megatron_qwen.rlhf.reward_config import RewardModelConfig
     from megatron_qwen.rlhf.reward_trainer import pair_rewards, pairwise_loss
 
@@ -53,15 +55,19 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
     plan = plan_reward_model(cfg, world, on_gpu=False)
     g = torch.Generator().manual_seed(0)
     gc.collect()
-    net = hf_model.load_with_head(path)  # outside: transformers loads on a thread pool
+    track_cpu_allocations()  # the block may free loaded tensors: count those frees
+    ds = ds_config_from_group(cfg.deepspeed, micro_batch_size=micro, global_batch_size=micro * world,
+                              world_size=world)
+    with zero3_construction(ds):  # outside the block: transformers loads on a thread pool
+        net = hf_model.load_with_head(path)
     if checkpointing:
         net.gradient_checkpointing_enable()
-    base = tensor_bytes(list(net.parameters()) + list(net.buffers()))
+    params = list(net.parameters())
+    base = tensor_bytes(params + list(net.buffers()) + [p.ds_tensor for p in params if hasattr(p, "ds_tensor")])
     gc.disable()  # no collection of an earlier case's garbage inside this measurement
     with PeakAllocations() as m:
-        ds = ds_config_from_group(cfg.deepspeed, micro_batch_size=micro, global_batch_size=micro * world,
-                                  world_size=world)
         engine = init_train_engine(net, ds, lr=1e-4)
+        engine.train()  # as the trainer does: transformers' checkpointing acts in training mode only
         for _ in range(2):
             ids = torch.randint(0, MODELS[model]["vocab_size"], (2 * micro, seq), generator=g)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
