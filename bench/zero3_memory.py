@@ -19,9 +19,11 @@ process touched, including the safetensors file pages it mapped) minus the one a
 process-group start, after the reward engine and after the training step; the tracked tensor
 peak (``memory_plan.measure.PeakAllocations``: allocations, touched or not, as a GPU would hold
 them) of the training engine's construction and step, and its largest single tensor; and its
-share of the parameters' elements.
+share of the parameters' elements. ``--nproc 1,2,4`` sweeps the world size (``--modes sized``
+for the trainers' own construction only): per-rank state should fall as 1/world.
 
-    python bench/zero3_memory.py [--nproc 2] [--hidden 1024] [--layers 12] [--vocab 32000]
+    python bench/zero3_memory.py [--nproc 2 | --nproc 1,2,4] [--modes full,partitioned,sized]
+                                 [--hidden 1024] [--layers 12] [--vocab 32000]
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def worker(mode: str, model_dir: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from megatron_qwen.memory_plan.measure import PeakAllocations
+    from megatron_qwen.memory_plan.measure import PeakAllocations, track_cpu_allocations
     from megatron_qwen.rlhf import hf_model
     from megatron_qwen.rlhf.deepspeed_config import (DEFAULT_REDUCE_BUCKET, init_distributed,
                                                      init_inference_engine, init_train_engine,
@@ -62,6 +64,7 @@ def worker(mode: str, model_dir: str, out_dir: str) -> None:
     import deepspeed.runtime.zero.stage3  # noqa: F401  (imports before the baseline)
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
     rank, world = dist.get_rank(), dist.get_world_size()
+    track_cpu_allocations()  # the tracked block may free tensors built before it
     start = peak_rss_mib()
 
     def config(train: bool) -> dict:
@@ -86,6 +89,7 @@ def worker(mode: str, model_dir: str, out_dir: str) -> None:
     ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(rank))
     with PeakAllocations() as tracked:
         engine = init_train_engine(model, ds, lr=1e-5)
+        engine.train()
         loss = engine(ids).float().mean()
         engine.backward(loss)
         engine.step()
@@ -95,13 +99,14 @@ def worker(mode: str, model_dir: str, out_dir: str) -> None:
               "inference_mib": after_inference, "peak_mib": peak_rss_mib(),
               "tracked_mib": tracked.peak / 2**20, "largest_mib": tracked.largest / 2**20,
               "local_share": local}
-    (Path(out_dir) / f"{mode}_rank{rank}.json").write_text(json.dumps(result))
+    (Path(out_dir) / f"{mode}_world{world}_rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", default="2", help="ranks per run, or a comma list for a world-size sweep")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
@@ -116,6 +121,10 @@ def main() -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    worlds = [int(n) for n in args.nproc.split(",")]
+    modes = args.modes.split(",")
+    if not worlds or min(worlds) < 1 or not set(modes) <= set(MODES):
+        sys.exit(f"--nproc {args.nproc!r} / --modes {args.modes!r}: ranks >= 1 and modes from {', '.join(MODES)}")
     root = Path(tempfile.mkdtemp(prefix="zero3_memory_"))
     h = args.hidden
     config = Qwen2Config(vocab_size=args.vocab, hidden_size=h, intermediate_size=h * 11 // 4,
@@ -127,24 +136,35 @@ def main() -> None:
     model.save_pretrained(str(root / "model"), safe_serialization=True)
     del model
     print(f"model: {n_params / 1e6:.0f} M parameters, saved in {args.checkpoint_dtype}, {n_params * 4 / 2**20:.0f} MiB "
-          f"in fp32 (hidden {h}, {args.layers} layers, vocab {args.vocab}); {args.nproc} gloo ranks, ZeRO-3",
+          f"in fp32 (hidden {h}, {args.layers} layers, vocab {args.vocab}); gloo ranks {args.nproc}, ZeRO-3",
           flush=True)
     rows = []
-    for mode in MODES:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-               "--standalone", __file__, "--worker", mode, str(root / "model"), str(root)]
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{mode} run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        rows += [json.loads(f.read_text()) for f in sorted(root.glob(f"{mode}_rank*.json"))]
-    print(f"{'construction':12s} {'rank':>4s} {'reward engine':>13s} {'+ RM engine, 1 step':>19s} "
+    for world in worlds:
+        for mode in modes:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                   "--standalone", __file__, "--worker", mode, str(root / "model"), str(root)]
+            env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{mode} run on {world} ranks failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+            rows += [json.loads(f.read_text()) for f in sorted(root.glob(f"{mode}_world{world}_rank*.json"))]
+    print(f"{'construction':12s} {'world':>5s} {'rank':>4s} {'reward engine':>13s} {'+ RM engine, 1 step':>19s} "
           f"{'tracked peak':>12s} {'largest tensor':>14s} {'param share':>11s}")
-    print(f"{'':12s} {'':4s} {'RSS - start':>13s} {'RSS - start':>19s} {'(train) MiB':>12s} {'MiB':>14s}")
-    for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["rank"])):
-        print(f"{r['mode']:12s} {r['rank']:4d} {r['inference_mib'] - r['start_mib']:13.0f} "
+    print(f"{'':12s} {'':5s} {'':4s} {'RSS - start':>13s} {'RSS - start':>19s} {'(train) MiB':>12s} {'MiB':>14s}")
+    for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["world"], r["rank"])):
+        print(f"{r['mode']:12s} {r['world']:5d} {r['rank']:4d} {r['inference_mib'] - r['start_mib']:13.0f} "
               f"{r['peak_mib'] - r['start_mib']:19.0f} {r['tracked_mib']:12.0f} {r['largest_mib']:14.0f} "
               f"{r['local_share']:11.3f}")
+    if len(worlds) > 1:
+        by_world = {w: max(r["tracked_mib"] for r in rows if r["world"] == w and r["mode"] == modes[-1])
+                    for w in worlds}
+        base = min(worlds)
+        print(f"\n{modes[-1]}: tracked peak per rank, largest rank, relative to {base} rank(s) "
+              "(1/world scaling would give base/world):")
+        for w in worlds:
+            print(f"  world {w}: {by_world[w]:.0f} MiB, x{by_world[w] / by_world[base]:.3f} "
+                  f"(1/world: x{base / w:.3f})")
+
 
 if __name__ == "__main__":
     main()
