@@ -12,8 +12,9 @@ tensors alive in the process. This counts tensors, not the process's resident se
 objects, no allocator caches, no gloo buffers), which is what the plan predicts. Tensors alive
 before the block are not counted: start it before the model is built, or add the model's
 :func:`tensor_bytes` and call :func:`track_cpu_allocations` before building it, so that the
-model's tensors the block frees (ZeRO-3 replaces them by partitions) come off the total. A tensor another thread both allocates and frees between two recorded
-events is missed; transformers' weight loading runs on a thread pool, so run it before the block.
+model's tensors the block frees (ZeRO-3 replaces them by partitions) come off the total. A
+tensor another thread both allocates and frees between two recorded events is missed;
+transformers' weight loading runs on a thread pool, so run it before the block.
 """
 
 from __future__ import annotations
