@@ -71,7 +71,7 @@ class PeakAllocations:
         start = first_total - first_size  # the allocator's total just before the first event
         self.peak = max(0, max(total for _, _, total in events) - start)
         self.end = events[-1][2] - start
-        self.largest = max((size for _, size, _ in events), default=0)
+        self.largest = max(size for _, size, _ in events)
         return False
 
 
@@ -100,11 +100,14 @@ def _all_threads_flag():
 
 
 def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a model's parameters and buffers)."""
+    """Bytes of the distinct storages behind ``tensors`` (a model's parameters and buffers),
+    with each ZeRO-3 parameter's partition (``ds_tensor``), which holds its data."""
     seen = {}
     for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        for held in (t, getattr(t, "ds_tensor", None)):
+            if held is not None:
+                storage = held.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 

@@ -62,8 +62,7 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
         net = hf_model.load_with_head(path)
     if checkpointing:
         net.gradient_checkpointing_enable()
-    params = list(net.parameters())
-    base = tensor_bytes(params + list(net.buffers()) + [p.ds_tensor for p in params if hasattr(p, "ds_tensor")])
+    base = tensor_bytes(list(net.parameters()) + list(net.buffers()))
     gc.disable()  # no collection of an earlier case's garbage inside this measurement
     with PeakAllocations() as m:
         engine = init_train_engine(net, ds, lr=1e-4)
