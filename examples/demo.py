@@ -390,19 +390,33 @@ def plot(out: Path, resume_step: Optional[int] = None) -> Optional[Path]:
     return path
 
 
+def start_fresh(out: Path) -> None:
+    """Remove a previous demo's outputs. Forgetting only the finished-stage markers is not enough:
+    pretraining would resume from the old checkpoint (and train no step) and the converters refuse
+    a non-empty output directory. Only a directory the demo made (it has ``.done/``) is deleted."""
+    if not out.exists():
+        return
+    if not (out / ".done").is_dir():
+        if any(out.iterdir()):
+            raise SystemExit(f"demo: --fresh: {out} is not empty and has no .done/ (not a demo output "
+                             "directory); refusing to delete it: choose another --out")
+        return
+    shutil.rmtree(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "demo_out",
                    help="directory of every output (named demo_out: the recipes' default paths)")
-    p.add_argument("--fresh", action="store_true", help="forget finished stages and run everything")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete --out (a demo output directory) and run every stage from scratch")
     p.add_argument("--smoke", action="store_true", help="smallest sizes (used by the test suite)")
     p.add_argument("--until", help="stop after this stage")
     args = p.parse_args(argv)
     out = args.out.resolve()
     done_dir, log_dir = out / ".done", out / "logs"
-    if args.fresh and done_dir.exists():
-        for m in done_dir.iterdir():
-            m.unlink()
+    if args.fresh:
+        start_fresh(out)
     done_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -411,7 +425,7 @@ def main(argv=None) -> None:
     for stage in plan(out, args.smoke):
         marker = done_dir / stage.name
         if marker.exists():
-            print(f"=== {stage.name}: done already (delete {marker} to re-run)")
+            print(f"=== {stage.name}: done already (delete {marker} to re-run it, --fresh to start over)")
             rows.append((stage.name, float(marker.read_text() or 0), stage.metric(), stage.artefact))
         else:
             seconds = run_stage(stage, out, log_dir)

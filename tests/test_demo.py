@@ -109,3 +109,31 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     again = subprocess.run([sys.executable, "examples/demo.py", "--out", str(out), "--smoke"], cwd=REPO,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == len(STAGES)
+
+
+def test_fresh_deletes_a_previous_demo_and_refuses_other_directories(tmp_path):
+    """--fresh must start over, not resume: the markers alone are not enough (pretraining resumed
+    from the old checkpoint and trained no step; the converters refused their old outputs)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    old = tmp_path / "demo_out"
+    (old / ".done").mkdir(parents=True)
+    (old / ".done" / "pretrain").write_text("1.0")
+    (old / "ckpt" / "pretrain" / "iter_0000200").mkdir(parents=True)
+    demo.start_fresh(old)
+    assert not old.exists()
+    demo.start_fresh(old)  # nothing there: nothing to do
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    try:
+        demo.start_fresh(other)
+    except SystemExit as exc:
+        assert "not a demo output directory" in str(exc) and str(other) in str(exc)
+    else:
+        raise AssertionError("--fresh deleted a directory the demo did not make")
+    assert (other / "notes.txt").read_text() == "keep me"
