@@ -202,8 +202,10 @@ def zero3_rollout(args, root: Path, best, say) -> None:
         f"{params / 1e6:.1f} M parameters (hidden {args.zero3_hidden}, {args.zero3_layers} layers, "
         f"vocab {args.zero3_vocab}), top-p 0.9:")
     say(f"  before (gather per forward, one batch, all logits)  {old_tps:8.0f} tokens/s (all ranks)")
-    say(f"  after  (gathered once, one batch, last logits)      {new_tps:8.0f} tokens/s (all ranks)")
-    say(f"  after, in micro-batches of {args.zero3_micro_batch:<3d} rows                {micro_tps:8.0f} tokens/s (all ranks)")
+    say(f"  after  (gathered once, one batch, last logits)      {new_tps:8.0f} tokens/s (all ranks)"
+        f"   <- the default: micro-batch auto is all {len(rows)} rows without a GPU size")
+    say(f"  after, in micro-batches of {args.zero3_micro_batch:<3d} rows                {micro_tps:8.0f} tokens/s (all ranks)"
+        f"   <- as if the KV budget held {args.zero3_micro_batch} rows")
     say(f"  ratio after / before (one batch)                    {new_tps / old_tps:8.2f}")
     say(f"  ratio after / before (micro-batches)                {micro_tps / old_tps:8.2f}")
     say(f"  same token ids on every rank: {same}")

@@ -134,6 +134,53 @@ def test_tool_prints_the_table_and_exits_by_fit(capsys):
     assert "--model-preset" in capsys.readouterr().err
 
 
+def test_auto_generation_micro_batch_is_the_most_rows_the_plan_fits(tmp_path, capsys):
+    """rollout.generation_micro_batch_size: auto (the default) sizes the rollout's micro-batch
+    from the KV budget: the largest whole-prompt count of rows whose generation phase fits, all
+    rows when they fit or no GPU size is known."""
+    import dataclasses
+
+    from megatron_qwen.memory_plan.deepspeed_plan import auto_generation_micro_batch, plan_ppo
+    from megatron_qwen.rlhf.ppo.config import PPOTrainConfig
+    from megatron_qwen.rlhf.ppo.trainer import generation_micro_batch
+
+    path = str(REPO / "examples" / "ppo_7b.yaml")
+    cfg = load_config(PPOTrainConfig, ["--config", path])
+    assert cfg.rollout.generation_micro_batch_size == "auto"
+
+    def generation_peak(gen: int) -> tuple:
+        trial = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, generation_micro_batch_size=gen))
+        plan = plan_ppo(trial, 8, 80 * GIB, model_preset="qwen_7b")
+        return plan.resident + plan.phase_bytes()["generation"], plan.usable
+
+    gen = auto_generation_micro_batch(cfg, 8, 80 * GIB, model_preset="qwen_7b")  # one node: 64 rows
+    samples = cfg.rollout.samples_per_prompt
+    assert 1 < gen < 64 and gen % samples == 0, gen
+    peak, usable = generation_peak(gen)
+    assert peak <= usable and generation_peak(gen + samples)[0] > usable
+    auto_plan = plan_for(cfg, 8, 80 * GIB, model_preset="qwen_7b")
+    assert f"generation micro-batch {gen})" in auto_plan.title
+    assert {c.name: c.bytes for c in auto_plan.components}["KV cache"] == 2 * 32 * gen * 2048 * 4096 * 2
+    assert auto_generation_micro_batch(cfg, 32, 80 * GIB, model_preset="qwen_7b") == 16  # 4 nodes: all
+    assert auto_generation_micro_batch(cfg, 8, None) == 64  # no GPU size (CPU): all rows
+    # the trainer's choice: all rows on CPU; the plan's with --gpu-memory-gib (actor config.json read)
+    actor = _hf_dir(tmp_path, "actor")
+    run = load_config(PPOTrainConfig, ["--config", path, "--actor-path", actor, "--reward-path", actor])
+    assert generation_micro_batch(run, 8, 0) == (64 if not torch.cuda.is_available() else gen)
+    sized = load_config(PPOTrainConfig, ["--config", path, "--actor-path", actor, "--reward-path", actor,
+                                         "--gpu-memory-gib", "80"])
+    capsys.readouterr()
+    assert generation_micro_batch(sized, 8, 0) == gen
+    assert f"auto -> {gen} of 64 rows" in capsys.readouterr().out
+    fixed = load_config(PPOTrainConfig, ["--config", path, "--generation-micro-batch-size", "8"])
+    assert generation_micro_batch(fixed, 8, 0) == 8
+    assert load_config(PPOTrainConfig, ["--config", path, "--generation-micro-batch-size",
+                                        "null"]).rollout.generation_micro_batch_size is None
+    for bad in ("0", "many"):
+        with pytest.raises((ConfigError, SystemExit)):
+            load_config(PPOTrainConfig, ["--config", path, "--generation-micro-batch-size", bad])
+
+
 @pytest.fixture
 def gpu_of(monkeypatch):
     """Make the start check see a GPU of the given size (the path a GPU takes, run on CPU):

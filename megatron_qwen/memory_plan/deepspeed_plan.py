@@ -7,6 +7,7 @@ recomputes one layer at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from megatron_qwen.memory_plan import activations as act
@@ -71,6 +72,34 @@ def _logits_bytes(shape: ModelShape, e: int, rows: int, seq: int, response: int,
     return rows * shape.vocab * (seq * e + response * per_response)
 
 
+def auto_generation_micro_batch(cfg, world_size: int, gpu_bytes: Optional[float], on_gpu: bool = True,
+                                model_preset: Optional[str] = None) -> int:
+    """``rollout.generation_micro_batch_size: auto``: the most rows per generation forward whose
+    generation phase (KV cache, logits, the gathered actor) fits beside the resident engines.
+
+    All of a rank's rows when no GPU size is known (CPU) or when they fit; otherwise the largest
+    that fits, rounded down to whole prompts (a prompt's samples share a micro-batch); 1 if none
+    fits (the plan then names what does not). The generation phase grows with the rows, so the
+    largest fitting size is found by bisection."""
+    rows = cfg.rollout_batch_per_rank(world_size)
+    if gpu_bytes is None:
+        return rows
+
+    def fits(gen: int) -> bool:
+        trial = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, generation_micro_batch_size=gen))
+        plan = plan_ppo(trial, world_size, gpu_bytes, on_gpu, model_preset)
+        return plan.resident + plan.phase_bytes().get("generation", 0.0) <= plan.usable
+
+    if fits(rows):
+        return rows
+    lo, hi = 1, rows  # fits(lo) or lo == 1; not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    samples = cfg.rollout.samples_per_prompt
+    return lo - lo % samples if lo >= samples else lo
+
+
 def plan_ppo(cfg, world_size: int, gpu_bytes: Optional[float] = None, on_gpu: bool = True,
              model_preset: Optional[str] = None) -> MemoryPlan:
     """``PPOTrainConfig`` on ``world_size`` GPUs: four engines resident, then the largest of the
@@ -78,6 +107,10 @@ def plan_ppo(cfg, world_size: int, gpu_bytes: Optional[float] = None, on_gpu: bo
     from megatron_qwen.rlhf.ppo.engines import engine_ds_configs
 
     r, p, m, en = cfg.rollout, cfg.ppo, cfg.models, cfg.engines
+    if getattr(r, "generation_micro_batch_size", None) == "auto":
+        gen = auto_generation_micro_batch(cfg, world_size, gpu_bytes, on_gpu, model_preset)
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(r, generation_micro_batch_size=gen))
+        r = cfg.rollout
     e = _e(en.bf16, on_gpu)
     actor_shape = hf_shape(m.actor_path, model_preset, "models.actor_path")
     critic_shape = hf_shape(m.critic_path or m.reward_path, model_preset, "models.reward_path")

@@ -8,7 +8,7 @@ PPO-ptx on); every one of them is switchable from the recipe or the command line
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 from megatron_qwen.config import ConfigError
 from megatron_qwen.memory_plan.start_check import MemoryPlanConfig
@@ -49,16 +49,24 @@ class RolloutConfig:
     unfinished_penalty: float = -1.0  # the score given to an unfinished response under penalty
     rollout_seed: int = 1234  # base seed of each sequence's sampler
     # The KV cache and the sampling buffers scale with it: rows x (prompt + new tokens) x the cache
-    # per token.
-    generation_micro_batch_size: Optional[int] = None  # rows per generation forward on each rank (null: all at once)
+    # per token. auto: the most rows whose generation phase the memory plan fits in the GPU
+    # (memory.gpu_memory_gib or the device's size; all of a rank's rows without a size, on CPU).
+    generation_micro_batch_size: Optional[Union[int, str]] = "auto"  # rows per generation forward on each rank: N | auto (the memory plan's) | null (all at once)
     # ZeRO-3 actor: one full copy of the actor's weights per rank while generating, no per-token
     # all-gather.
     generation_gather_params: bool = True  # ZeRO-3: gather the actor once per rollout, not once per forward
 
     def validate(self) -> None:
-        if self.generation_micro_batch_size is not None and self.generation_micro_batch_size < 1:
-            raise ConfigError(f"rollout.generation_micro_batch_size={self.generation_micro_batch_size} "
-                              "must be >= 1 (or null: all of a rank's rows in one batch)")
+        micro = self.generation_micro_batch_size
+        if isinstance(micro, str):  # the command line and typed recipes give text: "8", "auto"
+            text = micro.strip().lower()
+            micro = "auto" if text == "auto" else int(text) if text.isdigit() else 0
+        if micro is not None and micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int)
+                                                      or micro < 1):
+            raise ConfigError(f"rollout.generation_micro_batch_size={self.generation_micro_batch_size!r} "
+                              "must be an integer >= 1, auto (the memory plan's size) or null (all of a "
+                              "rank's rows in one batch)")
+        self.generation_micro_batch_size = micro
         if self.samples_per_prompt < 1 or self.prompts_per_step < 1:
             raise ConfigError("rollout.samples_per_prompt and rollout.prompts_per_step must be >= 1")
         if not 0.0 < self.top_p <= 1.0:

@@ -43,6 +43,31 @@ def sample_seed(base: int, step: int, global_index: int) -> int:
     return int(np.random.SeedSequence([base, step, global_index]).generate_state(1)[0])
 
 
+def generation_micro_batch(cfg: PPOTrainConfig, world: int, rank: int) -> Optional[int]:
+    """The rollout's rows per generation forward; ``auto`` asks the memory plan (all rows on CPU,
+    where no GPU size bounds them, unless ``memory.gpu_memory_gib`` is given)."""
+    micro = cfg.rollout.generation_micro_batch_size
+    if micro != "auto":
+        return micro
+    from megatron_qwen.config import ConfigError
+    from megatron_qwen.memory_plan.deepspeed_plan import auto_generation_micro_batch
+    from megatron_qwen.memory_plan.start_check import gpu_bytes
+
+    size = gpu_bytes(cfg.memory.gpu_memory_gib)
+    try:
+        micro = auto_generation_micro_batch(cfg, world, size)  # a GPU's plan, as the start check's
+    except ConfigError as exc:  # no plan (e.g. an actor without config.json): one batch, said once
+        micro = cfg.rollout_batch_per_rank(world)
+        if rank == 0:
+            print(f"generation micro-batch: auto -> all {micro} rows (no memory plan: {exc})", flush=True)
+        return micro
+    if rank == 0:
+        where = f"{size / 2 ** 30:.0f} GiB per GPU" if size is not None else "no GPU size: all rows"
+        print(f"generation micro-batch: auto -> {micro} of {cfg.rollout_batch_per_rank(world)} rows "
+              f"per rank (memory plan, {where})", flush=True)
+    return micro
+
+
 class PPOTrainer:
     def __init__(self, cfg: PPOTrainConfig, engines: Optional[Engines] = None, tokenizer=None,
                  generator: Optional[RolloutGenerator] = None):
@@ -54,7 +79,7 @@ class PPOTrainer:
         self.engines = engines or build_engines(cfg, self.world, **checkpoint.frozen_sources(cfg.train.load))
         self.device = self.engines.actor.device
         self.generator = generator or InProcessGenerator(
-            self.engines.actor, micro_batch_size=cfg.rollout.generation_micro_batch_size,
+            self.engines.actor, micro_batch_size=generation_micro_batch(cfg, self.world, self.rank),
             gather_params=cfg.rollout.generation_gather_params)
         vocab = self.engines.actor.module.config.vocab_size
         r = cfg.rollout
