@@ -67,7 +67,10 @@ def test_demo_chain_runs_end_to_end_and_resumes(tmp_path):
     # 1.5x of the base; the reward model prefers the right sum to a repeated operand on sums it
     # never saw (the SFT model's likelihood prefers the copy; measured 0.048 -> 0.784 at --smoke)
     # (the PPO gain needs more steps than --smoke: see tests/test_ppo_arithmetic.py and docs/ppo.md)
-    assert metric["pretrain-resume"].startswith("held-out ppl"), metric["pretrain-resume"]
+    held = re.match(r"held-out ppl ([\d,]+) \(it\. (\d+)\) -> ([\d,]+) \(it\. (\d+)", metric["pretrain-resume"])
+    assert held, metric["pretrain-resume"]
+    (ppl_stop, it_stop), (ppl_end, it_end) = ((float(held[i].replace(",", "")), int(held[i + 1])) for i in (1, 3))
+    assert it_stop < it_end and ppl_end < ppl_stop, metric["pretrain-resume"]
     ev = json.loads((out / "eval" / "heldout.json").read_text())
     assert ev["sft"]["assistant_loss"] < ev["base"]["assistant_loss"], ev
     assert ev["sft"]["plain_ppl"] < 1.5 * ev["base"]["plain_ppl"], ev
