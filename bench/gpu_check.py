@@ -17,6 +17,7 @@ is about defaults:
   te        bench/te_check.py: TE spec vs local spec loss on the same weights (SKIP without TE)
   varlen    bench/varlen_attention.py: the selected THD kernel against the per-document reference
   ckpt_io   bench/checkpoint_io.py: save/load time and host peak, fully_reshardable vs dp_reshardable
+  memory_plan  bench/plan_memory_check.py --quick: the memory plan vs torch.cuda.max_memory_allocated
 `--cpu` runs the same chain at the tiny size on CPU (gloo, fp32): how the script itself is tested.
 
     bash bench/gpu_check.sh [--cpu] [--out DIR] [--only pretrain,sft]
@@ -300,6 +301,19 @@ def step_varlen(check: Check) -> None:
     check.record("varlen THD kernels vs reference", t0, ok and bool(lines), "; ".join(lines) if lines else text)
 
 
+def step_memory_plan(check: Check) -> None:
+    """Planned vs measured peak (torch.cuda.max_memory_allocated on a GPU): two megatron-core and
+    two ZeRO cases on one rank; the CPU tests hold the ratios within 15% on gloo processes."""
+    t0 = time.perf_counter()
+    ok, text = check.run("memory_plan", [PY, "bench/plan_memory_check.py", "--quick", "--nproc", "1"], 240)
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| case")] if ok else []
+    ratios = [float(r[3]) for r in rows if len(r) >= 4]
+    detail = "; ".join(f"{r[0]}: {r[1]} planned / {r[2]} measured MiB = {r[3]}" for r in rows)
+    check.record("memory plan vs measured peak", t0, ok and bool(ratios) and all(0.85 <= x <= 1.15 for x in ratios),
+                 detail if rows else text)
+
+
 def step_ckpt_io(check: Check) -> None:
     t0 = time.perf_counter()
     size = ["--hidden", "128", "--layers", "2", "--vocab", "2048"] if check.cpu else \
@@ -338,7 +352,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="the same chain, tiny, on CPU (tests the script)")
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out", help="work and result directory")
-    p.add_argument("--only", default="", help="comma list of: pretrain,sft,rm,ppo,generate,eval_ppl,mfu,te,varlen,ckpt_io")
+    p.add_argument("--only", default="", help="comma list of: pretrain,sft,rm,ppo,generate,eval_ppl,mfu,te,varlen,ckpt_io,memory_plan")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting steps after this many seconds")
     args = p.parse_args()
     import torch
@@ -389,6 +403,8 @@ def main() -> int:
         step_varlen(check)
     if want("ckpt_io"):
         step_ckpt_io(check)
+    if want("memory_plan"):
+        step_memory_plan(check)
     text = table(check.results, env)
     (out / "gpu_check.md").write_text(text + "\n")
     print("\n" + text, flush=True)

@@ -62,9 +62,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     out = run_torchrun(REPO / "tests/scripts/memory_plan_megatron.py", json.dumps(mg), nproc=args.nproc)
     print("\n".join(rows(out, lambda r: f"megatron {r['model']} {r['parallel'] or 'DP'} {r['train']}")), flush=True)
+    import torch
+
+    env = {"HF_HUB_OFFLINE": "1"} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         out = run_torchrun(REPO / "tests/scripts/memory_plan_deepspeed.py", tmp, json.dumps(zero),
-                           nproc=args.nproc, env={"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"})
+                           nproc=args.nproc, env=env)
     print("\n".join(rows(out, lambda r: f"ZeRO-{r['zero_stage']} {r['model']} micro {r['micro']} x {r['seq']}"
                          + (" ckpt" if r["checkpointing"] else ""))))
 

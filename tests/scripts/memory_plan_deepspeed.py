@@ -52,7 +52,7 @@ def measure(out: Path, model: str, zero_stage: int, micro: int, seq: int, checkp
         "optim": {"micro_batch_size": micro, "global_batch_size": micro * world},
         "deepspeed": {"zero_stage": zero_stage, "gradient_checkpointing": checkpointing},
         "checkpoint": {"export_dir": "unused"}})
-    plan = plan_reward_model(cfg, world, on_gpu=False)
+    plan = plan_reward_model(cfg, world, on_gpu=torch.cuda.is_available())  # GPU: the GPU check's line
     g = torch.Generator().manual_seed(0)
     gc.collect()
     track_cpu_allocations()  # the block may free loaded tensors: count those frees

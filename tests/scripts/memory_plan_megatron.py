@@ -40,7 +40,7 @@ def measure(model: str, parallel: dict, train: dict) -> dict:
     cfg = build_config(PretrainConfig, recipe)
     init_distributed(cfg.parallel, seed=1)
     world = torch.distributed.get_world_size()
-    plan = plan_pretrain(cfg, world, on_gpu=False)
+    plan = plan_pretrain(cfg, world, on_gpu=torch.cuda.is_available())  # GPU: the GPU check's line
     gc.collect()  # the previous layout's trainer must not be freed inside this measurement
     gc.disable()  # no collection of an earlier case's garbage inside this measurement
     with PeakAllocations() as m:
